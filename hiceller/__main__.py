@@ -1,0 +1,5 @@
+import sys
+
+from hiceller.cli import main
+
+sys.exit(main())

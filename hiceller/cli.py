@@ -1,0 +1,65 @@
+"""The ``hiceller`` console script: one parser, subcommands registered by each package.
+
+Each package's ``cli.py`` has ``register(subparsers)``, which adds its subcommands and sets
+``func`` (a handler taking the parsed args and returning an exit code). A HicellerError from a
+handler is the user's problem, not a bug: it is printed as one line and the exit code is 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from hiceller.errors import HicellerError
+
+__all__ = ["main", "build_parser", "run_handler"]
+
+# Packages whose cli.register() adds subcommands, in --help order. A package whose cli module
+# does not exist yet is skipped, so the CLI grows with the project.
+_PACKAGES = ("data_store", "pretrain", "finetune", "cluster")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hiceller",
+        description="Pretrain Celler single-cell foundation models and turn them into cell-type annotators.",
+    )
+    from hiceller import __version__
+
+    parser.add_argument("--version", action="version", version=f"hiceller {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for pkg in _PACKAGES:
+        try:
+            mod = importlib.import_module(f"{pkg}.cli")
+        except ModuleNotFoundError as e:
+            if e.name == f"{pkg}.cli":
+                continue
+            raise
+        mod.register(sub)
+    return parser
+
+
+def run_handler(args: argparse.Namespace) -> int:
+    """Run a parsed command, turning user errors into one line on stderr and exit code 2."""
+    try:
+        return int(args.func(args) or 0)
+    except HicellerError as e:
+        print(f"hiceller {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"hiceller {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Quiet the libraries that print banners at import time; our own messages say what happens.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    args = build_parser().parse_args(argv)
+    return run_handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
