@@ -104,6 +104,7 @@ class CellStream(IterableDataset):
         layout: str = "packed",
         rank: int | None = None,
         world_size: int | None = None,
+        max_gene_id: int | None = None,
     ):
         super().__init__()
         if batch_cells < 1:
@@ -125,6 +126,9 @@ class CellStream(IterableDataset):
         self.buffer_blocks = buffer_blocks
         self.remainder = remainder
         self.layout = layout
+        # A model knows the genes of the vocabulary it was built with; genes the store gained
+        # later (ids >= max_gene_id) are left out of its tokens.
+        self.max_gene_id = max_gene_id
         env_rank, env_world = distributed_rank_world()
         self.rank = env_rank if rank is None else rank
         self.world_size = env_world if world_size is None else world_size
@@ -301,6 +305,8 @@ class CellStream(IterableDataset):
             local = np.searchsorted(jids, d0)
             # Cells inside the range but outside the selection (filtered out) are dropped here.
             ok = (local < len(jids)) & (jids[np.minimum(local, len(jids) - 1)] == d0)
+            if self.max_gene_id is not None:
+                ok &= t.column("soma_dim_1").to_numpy() < self.max_gene_id
             rows.append(local[ok])
             genes.append(t.column("soma_dim_1").to_numpy()[ok])
             vals.append(t.column("soma_data").to_numpy()[ok])

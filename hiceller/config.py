@@ -57,6 +57,8 @@ class DataConfig:
     """obs column used as the label where labels are needed."""
     obs_filter: str = ""
     """Optional SOMA value filter on obs, e.g. 'tissue == "lung"'."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank (spawned; the shuffle buffer is shared among them)."""
 
     def __post_init__(self) -> None:
         _check(2 <= self.n_bins <= 1024, "data.n_bins", f"must be in [2, 1024], got {self.n_bins}")
@@ -64,6 +66,7 @@ class DataConfig:
         _check(self.block_size >= 1, "data.block_size", f"must be >= 1, got {self.block_size}")
         _check(self.buffer_blocks >= 1, "data.buffer_blocks", f"must be >= 1, got {self.buffer_blocks}")
         _check(bool(self.label_column), "data.label_column", "must not be empty")
+        _check(self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}")
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,10 @@ class TrainConfig:
     """Checkpoints kept on disk; older ones are deleted."""
     log_every: int = 10
     """Log metrics every N optimizer steps."""
+    data_shards_per_rank: int = 1
+    """Data-parallel shards each rank reads, alternating micro batch by micro batch. A run on R ranks
+    with S shards and grad_accum A sees exactly the cells of a run on R*S ranks with A/S: used to
+    check 1 vs 2 ranks, and to continue a run on fewer machines."""
 
     def __post_init__(self) -> None:
         _check(self.steps >= 1, "train.steps", f"must be >= 1, got {self.steps}")
@@ -147,6 +154,12 @@ class TrainConfig:
         _check(self.checkpoint_every >= 1, "train.checkpoint_every", f"must be >= 1, got {self.checkpoint_every}")
         _check(self.keep_last >= 1, "train.keep_last", f"must be >= 1, got {self.keep_last}")
         _check(self.log_every >= 1, "train.log_every", f"must be >= 1, got {self.log_every}")
+        _check(self.data_shards_per_rank >= 1, "train.data_shards_per_rank", f"must be >= 1, got {self.data_shards_per_rank}")
+        _check(
+            self.grad_accum % self.data_shards_per_rank == 0,
+            "train.data_shards_per_rank",
+            f"must divide grad_accum ({self.grad_accum}), got {self.data_shards_per_rank}",
+        )
 
 
 @dataclass(frozen=True)

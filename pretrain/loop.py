@@ -1,0 +1,269 @@
+"""The one training loop: DeepSpeed engine, micro batches from CellStreams, checkpoints, MLflow.
+
+Pretraining and fine-tuning both run through :func:`train`; what differs is the task module (its
+``prepare`` and ``forward``, see ``pretrain/task.py``) and the streams. Per optimizer step:
+
+    for each of grad_accum micro batches (alternating over this rank's data shards):
+        args = task.prepare(batch, seed(step, micro, shard));  loss = engine(*args)
+        engine.backward(loss);  engine.step()        # DeepSpeed steps at the boundary
+    loss, metrics averaged over micro batches and all-reduced over ranks -> metrics.jsonl, MLflow
+
+Checkpoints (pretrain/checkpoint.py) hold the engine state and every shard's loader position, so
+``--resume auto`` continues with exactly the batches and masks the uninterrupted run would have used.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import psutil
+import torch
+from torch import nn
+
+from data_store.stream import CellStream
+from hiceller.config import RunConfig
+from hiceller.errors import HicellerError
+from hiceller.parallel_dims import BatchDims
+from pretrain import checkpoint as ckpt
+from pretrain.distributed import DistInfo
+from pretrain.task import micro_seed
+from pretrain.tracking import Tracker
+
+__all__ = ["LoopResult", "warmup_cosine", "train", "make_optimizer"]
+
+
+@dataclass
+class LoopResult:
+    step: int
+    losses: list[float] = field(default_factory=list)
+    last_checkpoint: Path | None = None
+    stopped_early: bool = False
+
+
+def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """LR multiplier: linear warm-up to 1, then cosine decay to ``min_ratio`` at ``total``."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(module: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+    """Torch AdamW (DeepSpeed's fused/CPU Adam would compile ops on first use); no decay on
+    biases, norms and embeddings' padding-free vectors of rank 1."""
+    decay, no_decay = [], []
+    for p in module.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.98), eps=1e-8)
+
+
+def _all_reduce_mean(values: list[float], dist: DistInfo) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.world_size > 1:
+        torch.distributed.all_reduce(t)
+        t /= dist.world_size
+    return t.tolist()
+
+
+def _all_reduce_sum(values: list[float], dist: DistInfo) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.world_size > 1:
+        torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def _memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def train(
+    cfg: RunConfig,
+    task: nn.Module,
+    streams: list[CellStream],
+    run_dir: Path,
+    dist: DistInfo,
+    tracker: Tracker,
+    *,
+    resume: str | None = None,
+    stop_after_steps: int | None = None,
+    extra_checkpoint_files: Callable[[Path], None] | None = None,
+    progress: bool = True,
+    log_prefix: str = "",
+) -> LoopResult:
+    """Run ``cfg.train.steps`` optimizer steps of ``task`` on ``streams`` (this rank's data shards)."""
+    import deepspeed
+
+    from cluster.ds_config import deepspeed_config
+
+    dims = BatchDims.from_train(cfg.train, dist.world_size)
+    device_kind = "cuda" if dist.device.type == "cuda" else "cpu"
+    ds_cfg = deepspeed_config(cfg, dist.world_size, device_kind)
+    optimizer = make_optimizer(task, cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_cosine(s, cfg.train.steps, cfg.train.warmup_steps, cfg.train.min_lr_ratio)
+    )
+    engine, _, _, _ = deepspeed.initialize(model=task, optimizer=optimizer, lr_scheduler=sched, config=ds_cfg)
+    run_dir = Path(run_dir)
+    metrics_path = run_dir / "metrics.jsonl"
+
+    step = 0
+    if resume:
+        cp = _resume_point(run_dir, resume, dist)
+        if cp is not None:
+            step = _load(engine, cp, streams, dist)
+            if dist.is_main:
+                print(f"{log_prefix}resumed from {cp} at step {step}", flush=True)
+    if dist.is_main and step == 0 and metrics_path.exists():
+        metrics_path.unlink()
+
+    shards = len(streams)
+    iters = [iter(s.dataloader(num_workers=cfg.data.num_workers)) for s in streams]
+    result = LoopResult(step=step)
+    bar = None
+    if dist.is_main and progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.train.steps, initial=step, desc=f"{log_prefix}train", unit="step", mininterval=1.0)
+    steps_this_run = 0
+    t_last = time.perf_counter()
+    while step < cfg.train.steps:
+        torch.manual_seed(micro_seed(cfg.train.seed, step, 0, 10_000 + dist.rank))  # dropout, reproducibly
+        sums: dict[str, float] = {}
+        cells = tokens = 0
+        for micro in range(dims.grad_accum):
+            k = micro % shards
+            batch = _next(iters, streams, k, cfg)
+            args = task.prepare(batch, micro_seed(cfg.train.seed, step, micro, streams[k].rank), dist.device)
+            loss, metrics = engine(*args)
+            engine.backward(loss)
+            engine.step()
+            for name, v in metrics.items():
+                sums[name] = sums.get(name, 0.0) + v
+            cells += batch.n_cells
+            tokens += batch.n_tokens
+        step += 1
+        steps_this_run += 1
+        now = time.perf_counter()
+        dt, t_last = now - t_last, now
+        names = sorted(sums)
+        means = _all_reduce_mean([sums[n] / dims.grad_accum for n in names], dist)
+        cells_all, tokens_all = _all_reduce_sum([cells, tokens], dist)
+        record = dict(zip(names, means))
+        grad_norm = engine.get_global_grad_norm()
+        record.update(
+            {
+                "step": step,
+                "lr": sched.get_last_lr()[0],
+                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                "cells_per_s": cells_all / dt,
+                "tokens_per_s": tokens_all / dt,
+                "memory_mb": _memory_mb(dist.device),
+            }
+        )
+        result.losses.append(record["loss"])
+        if not math.isfinite(record["loss"]):
+            raise HicellerError(f"loss is {record['loss']} at step {step}: lower train.lr or check the data")
+        if dist.is_main:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                tracker.log_metrics({k: v for k, v in record.items() if k != "step"}, step)
+            if bar:
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
+        done = step == cfg.train.steps
+        stop = stop_after_steps is not None and steps_this_run >= stop_after_steps
+        if step % cfg.train.checkpoint_every == 0 or done or stop:
+            result.last_checkpoint = save(engine, run_dir, step, streams, cfg, dist, extra_checkpoint_files)
+            if dist.is_main:
+                tracker.set_tags({"last_checkpoint": result.last_checkpoint})
+        if stop and not done:
+            result.stopped_early = True
+            break
+    if bar:
+        bar.close()
+    result.step = step
+    _drop_iterators(iters)
+    return result
+
+
+def _next(iters: list, streams: list[CellStream], k: int, cfg: RunConfig):
+    """Next batch of shard k; at the end of an epoch start the next one (same epoch on every rank)."""
+    try:
+        return next(iters[k])
+    except StopIteration:
+        s = streams[k]
+        s.set_epoch(s.epoch + 1)
+        iters[k] = iter(s.dataloader(num_workers=cfg.data.num_workers))
+        return next(iters[k])
+
+
+def _drop_iterators(iters: list) -> None:
+    for it in iters:
+        close = getattr(it, "close", None)
+        if close:
+            close()
+
+
+def save(engine, run_dir: Path, step: int, streams: list[CellStream], cfg: RunConfig, dist: DistInfo, extra=None) -> Path:
+    """A collective checkpoint; COMPLETE is written by rank 0 only after every rank has saved."""
+    root = ckpt.checkpoint_root(run_dir)
+    tag = ckpt.tag_for(step)
+    cp = root / tag
+    ok = torch.tensor([1])
+    try:
+        engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
+        ckpt.write_json_atomic(cp / f"loader_rank{dist.rank}.json", [s.state_dict() for s in streams])
+        if dist.is_main:
+            (cp / "config.toml").write_text(cfg.to_toml())
+            if extra:
+                extra(cp)
+    except OSError as e:
+        ok = torch.tensor([0])
+        err = e
+    if dist.world_size > 1:
+        torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+    if not ok.item():
+        msg = f"could not write checkpoint {cp}"
+        if "err" in locals():
+            msg += f": {err.strerror or err}"
+        raise HicellerError(msg + "; earlier checkpoints are intact")
+    if dist.world_size > 1:
+        torch.distributed.barrier()
+    if dist.is_main:
+        ckpt.mark_complete(cp, {"step": step, "world_size": dist.world_size, "shards": len(streams), "time": time.time()})
+        ckpt.prune(run_dir, cfg.train.keep_last)
+    if dist.world_size > 1:
+        torch.distributed.barrier()
+    return cp
+
+
+def _resume_point(run_dir: Path, resume: str, dist: DistInfo) -> Path | None:
+    if resume == "auto":
+        return ckpt.latest_complete(run_dir)
+    return ckpt.resolve_checkpoint(Path(resume))
+
+
+def _load(engine, cp: Path, streams: list[CellStream], dist: DistInfo) -> int:
+    meta = json.loads((cp / "meta.json").read_text())
+    if meta.get("world_size") != dist.world_size or meta.get("shards") != len(streams):
+        raise HicellerError(
+            f"checkpoint {cp} was written by {meta.get('world_size')} rank(s) x {meta.get('shards')} shard(s); "
+            f"this run has {dist.world_size} x {len(streams)} (set train.data_shards_per_rank to keep ranks x shards)"
+        )
+    path, client = engine.load_checkpoint(str(cp.parent), tag=cp.name, load_module_strict=True)
+    if path is None:
+        raise HicellerError(f"checkpoint {cp} could not be loaded by DeepSpeed (files missing or damaged)")
+    states = json.loads((cp / f"loader_rank{dist.rank}.json").read_text())
+    for s, st in zip(streams, states):
+        s.load_state_dict(st)
+    return int(client["step"])
