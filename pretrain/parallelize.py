@@ -1,0 +1,42 @@
+"""Memory/speed transformations applied to a built :class:`CellerModel` from the outside.
+
+The model file stays a plain module; what the training loop wants on top of it (activation
+checkpointing today) is applied here, the way torchtitan separates ``model.py`` and
+``parallelize.py``.
+"""
+
+from __future__ import annotations
+
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+    CheckpointImpl,
+    CheckpointWrapper,
+    checkpoint_wrapper,
+)
+
+from pretrain.model import CellerModel
+
+__all__ = ["apply_activation_checkpointing", "is_activation_checkpointed"]
+
+
+def is_activation_checkpointed(model: CellerModel) -> bool:
+    """True when every encoder block of ``model`` is wrapped for activation checkpointing."""
+    return all(isinstance(block, CheckpointWrapper) for block in model.blocks)
+
+
+def apply_activation_checkpointing(model: CellerModel) -> CellerModel:
+    """Recompute each encoder block in the backward pass instead of storing its activations.
+
+    Each block is wrapped with ``torch.utils.checkpoint`` (``use_reentrant=False``: works with
+    inputs that need no grad, keyword arguments and ``torch.autograd.grad``). The wrapper's
+    state-dict hooks strip its own prefix, so state-dict keys and checkpoints are unchanged.
+    Memory then holds one block input per layer (``[T, d]``) instead of all intermediate
+    activations (the ``[T, d_ff]`` FFN activations and attention outputs dominate).
+
+    Modifies ``model`` in place and returns it. Raises ``ValueError`` if already applied, because
+    wrapping twice would recompute every block twice.
+    """
+    if any(isinstance(block, CheckpointWrapper) for block in model.blocks):
+        raise ValueError("activation checkpointing is already applied to this model")
+    for i, block in enumerate(model.blocks):
+        model.blocks[i] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+    return model
