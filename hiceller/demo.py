@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("demo_out"))
     ap.add_argument("--shared", type=Path, default=Path("../shared/data"))
     ap.add_argument("--cells", type=int, default=30_000)
+    ap.add_argument("--steps", type=int, default=100, help="pretraining steps (debug model, 2 CPU ranks)")
     args = ap.parse_args(argv)
     hc = [str(Path(sys.executable).with_name("hiceller"))]
     store = args.out / "store"
@@ -41,7 +42,16 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"\n{args.shared} not found: the real data sets are skipped")
     _run(hc + ["info", "--store", str(store)])
-    print(f"\ndemo finished in {time.time() - t0:.0f} s; store at {store}")
+    run = args.out / "pretrain"
+    _run(
+        hc
+        + ["launch", "--config", "debug", "--store", str(store), "--out", str(run), "--nodes", "1", "--gpus-per-node", "2"]
+        + ["--set", f"train.steps={args.steps}", "--set", "deepspeed.zero_stage=2", "--resume", "auto"]
+    )
+    print(f"\ndemo finished in {time.time() - t0:.0f} s")
+    print(f"  store:            {store}")
+    print(f"  pretraining run:  {run} (loss curve: {run / 'loss_curve.png'})")
+    print(f"  MLflow UI:        {hc[0]} ui --run {run}")
     return 0
 
 
