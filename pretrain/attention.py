@@ -82,24 +82,27 @@ def resolve_backend(backend: str, q: Tensor) -> str:
 
 
 def _sdpa_per_cell(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, dropout_p: float) -> Tensor:
-    """SDPA called once per cell on ``[H, L_i, Dh]`` views of the packed tensors.
+    """SDPA called once per cell on ``[1, H, L_i, Dh]`` views of the packed tensors.
 
-    Why a Python loop: measured on CPU (torch 2.13, 2 cores, fp32; 32 cells with 201..1201 tokens,
-    ~22k tokens; time of attention forward+backward, best of 3; bench/attention_speed.py):
+    Why a Python loop: measured with bench/attention_speed.py on CPU (torch 2.13, fp32, 1 thread,
+    process CPU time, best of 2-3 after a warm-up; the 2-core machine was shared with other jobs,
+    so wall time was not trustworthy). 32 cells of 201..1201 tokens (~22k tokens), heads =
+    max(4, d_model / 64); milliseconds for attention forward+backward (forward only in brackets):
 
-        d_model/heads      per-cell loop   pad to [B,H,Lmax,Dh]+key mask   4 length buckets   nested jagged
-        64 / 4                 122 ms              316 ms                        205 ms              5656 ms
-        256 / 8                450 ms             1014 ms                        662 ms             15536 ms
-        512 / 8                765 ms             2171 ms                       2974 ms             27496 ms
+        d_model   per-cell loop   pad to Lmax + key mask   4 length buckets   nested jagged
+        64          241 (70)           609 (184)              333 (108)         - (2293)
+        256         766 (204)         1691 (564)              936 (301)         - (2620)
+        512        1423 (364)         3746 (1113)            2026 (557)         - (5194)
 
-    (forward only, d_model 512: loop 204 ms, padded 555 ms, buckets 299 ms, nested 6975 ms.)
-    Padding wastes the Lmax^2 - L_i^2 score entries of every short cell (~2.5x the work for uniform
-    200..1200 lengths) and pays a scatter/gather; nested-jagged SDPA has no fused CPU kernel and
-    falls back to a slow unbind path. The per-cell loop does exactly sum L_i^2 work, each call hits
-    the fused CPU flash kernel, and 32 calls cost little next to that work. It also stayed ahead
-    with 256 short cells (10..256 genes): 176 ms vs 579 ms padded.
+    256 short cells (11..257 tokens), forward+backward: d_model 64: 112 vs 241 padded vs 154
+    bucketed; d_model 512: 687 vs 1912 vs 1159. An earlier 2-thread wall-clock run on a quieter
+    machine ranked them the same (d_model 512: loop 765, padded 2171, buckets 2974, nested 27496).
+    Padding computes Lmax^2 scores for every cell (~2.5x the sum of L_i^2 for uniform 200..1200
+    lengths) and pays a scatter/gather; buckets only shrink that waste; nested-jagged SDPA has no
+    fused CPU kernel and falls back to a slow unfused path. The loop does exactly sum L_i^2 work in
+    the fused CPU flash kernel, and 32..256 calls cost little next to that work.
     On CUDA the fast path is flash-attn; this loop is the correct fallback there (it reads the
-    lengths on the host, one synchronisation per call).
+    lengths on the host: one synchronisation per call). Not measured on a GPU.
     """
     lengths = cu_seqlens.diff().tolist()
     # [T, H, Dh] -> [1, H, T, Dh] once; split along tokens gives per-cell [1, H, L_i, Dh] views.

@@ -142,7 +142,9 @@ def train(
         for micro in range(dims.grad_accum):
             k = micro % shards
             batch = _next(iters, streams, k, cfg)
-            args = task.prepare(batch, micro_seed(cfg.train.seed, step, micro, streams[k].rank), dist.device)
+            # Seeded by the shard's own micro index, so a shard draws the same masks whichever
+            # rank reads it (1 rank x 2 shards == 2 ranks x 1 shard).
+            args = task.prepare(batch, micro_seed(cfg.train.seed, step, micro // shards, streams[k].rank), dist.device)
             loss, metrics = engine(*args)
             engine.backward(loss)
             engine.step()

@@ -28,7 +28,10 @@ def apply_activation_checkpointing(model: CellerModel) -> CellerModel:
 
     Each block is wrapped with ``torch.utils.checkpoint`` (``use_reentrant=False``: works with
     inputs that need no grad, keyword arguments and ``torch.autograd.grad``). The wrapper's
-    state-dict hooks strip its own prefix, so state-dict keys and checkpoints are unchanged.
+    state-dict hooks strip its own prefix, so state-dict keys and checkpoints are unchanged
+    (``named_parameters()`` does show the ``_checkpoint_wrapped_module.`` infix; match parameter
+    names by suffix, e.g. for weight-decay groups). ``forward_padded`` reaches the inner block
+    through the wrapper's attribute fallback and is not checkpointed (it is for evaluation).
     Memory then holds one block input per layer (``[T, d]``) instead of all intermediate
     activations (the ``[T, d_ff]`` FFN activations and attention outputs dominate).
 

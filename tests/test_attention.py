@@ -108,6 +108,19 @@ def test_dropout_changes_output_only_when_asked() -> None:
     torch.testing.assert_close(varlen_attention(q, k, v, cu, max_len, backend="sdpa", dropout_p=0.0), plain)
 
 
+def test_cpu_sdpa_path_uses_the_fused_kernel() -> None:
+    # The per-cell loop was chosen for the fused CPU flash kernel; 3-D inputs would silently fall
+    # back to the unfused math path (several times slower), which this test would catch.
+    q, k, v, cu, max_len = _packed(LENGTHS)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        varlen_attention(*leaves, cu, max_len, backend="sdpa").sum().backward()
+    ops = {event.name for event in prof.events()}
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in ops
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu_backward" in ops
+    assert "aten::_scaled_dot_product_attention_math" not in ops
+
+
 def test_auto_uses_sdpa_for_cpu_or_fp32() -> None:
     q = torch.zeros(3, HEADS, HEAD_DIM)
     assert resolve_backend("auto", q) == "sdpa"

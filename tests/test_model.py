@@ -180,7 +180,8 @@ def test_flops_formula_equals_counted_matmuls() -> None:
         per_token_cell = out.cell_emb.repeat_interleave(lengths[0], dim=0)
         model.expr_head(per_token_cell, model.embed_genes(cells["gene_ids"]))
     counted = counter.get_total_flops() / sum(lengths)
-    assert model_flops_per_token(DEBUG, token_weighted_seqlen(lengths), N_GENES) == pytest.approx(3 * counted, rel=1e-12)
+    formula = model_flops_per_token(DEBUG, token_weighted_seqlen(lengths), N_GENES)
+    assert formula == pytest.approx(3 * counted, rel=1e-12)
 
 
 def test_flops_scale_linearly_with_layers_and_length() -> None:
