@@ -34,7 +34,7 @@ from pretrain.distributed import DistInfo
 from pretrain.task import micro_seed
 from pretrain.tracking import Tracker
 
-__all__ = ["LoopResult", "warmup_cosine", "train", "make_optimizer"]
+__all__ = ["LoopResult", "warmup_cosine", "train", "make_optimizer", "full_state_dict"]
 
 
 @dataclass
@@ -43,6 +43,8 @@ class LoopResult:
     losses: list[float] = field(default_factory=list)
     last_checkpoint: Path | None = None
     stopped_early: bool = False
+    engine: Any = None
+    """The DeepSpeed engine, for callers that go on using the trained weights (fine-tuning)."""
 
 
 def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float:
@@ -194,8 +196,20 @@ def train(
     if bar:
         bar.close()
     result.step = step
+    result.engine = engine
     _drop_iterators(iters)
     return result
+
+
+def full_state_dict(engine) -> dict[str, torch.Tensor]:
+    """The module's whole state dict in fp32 on CPU, on every rank (ZeRO-3 gathers partitions)."""
+    module = engine.module
+    if engine.zero_optimization_stage() == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+    return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
 
 
 def _next(iters: list, streams: list[CellStream], k: int, cfg: RunConfig):
