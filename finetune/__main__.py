@@ -1,0 +1,7 @@
+"""`python -m finetune ...`: what the deepspeed launcher starts on every rank (`--module finetune`)."""
+
+import sys
+
+from finetune.run import main
+
+sys.exit(main())

@@ -1,0 +1,173 @@
+"""Annotate an AnnData with a bundle: ``Annotator.load(bundle).annotate(adata)``.
+
+The query's genes (symbols in any case, or ids from a var column) are mapped onto the bundle's
+vocabulary; genes the model never saw are left out and the overlap is reported (too small an
+overlap is an error). Cells are tokenized exactly as in training (per-cell rank bins, so counts and
+log-normalised input give the same tokens) and run through the model in packed chunks, so memory
+does not grow with the number of cells.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+
+from data_store.batching import iter_token_budget_batches, pack
+from data_store.tokenize import Tokenizer
+from finetune.bundle import Bundle, load_bundle
+from finetune.task import ClassifierTask
+from hiceller.errors import InputError
+from pretrain.model import CellerModel
+
+__all__ = ["Annotator", "GeneMapping", "map_genes", "UNASSIGNED"]
+
+UNASSIGNED = "Unassigned"
+DEFAULT_MIN_OVERLAP = 0.25
+
+
+@dataclass
+class GeneMapping:
+    """Query column -> model vocabulary id (-1: unknown to the model)."""
+
+    ids: np.ndarray
+    n_query: int
+    n_matched: int
+    n_vocab: int
+
+    @property
+    def overlap(self) -> float:
+        """Share of the model's vocabulary found in the query."""
+        return self.n_matched / max(self.n_vocab, 1)
+
+    def describe(self) -> str:
+        return f"{self.n_matched} of the query's {self.n_query} genes are in the model's vocabulary of {self.n_vocab} ({self.overlap:.1%} of it)"
+
+
+def map_genes(names: pd.Index | list[str], vocab: list[str], upper: bool = True) -> GeneMapping:
+    index = {g: i for i, g in enumerate(vocab)}
+    keys = [str(n).upper() if upper else str(n) for n in names]
+    ids = np.array([index.get(k, -1) for k in keys], dtype=np.int64)
+    return GeneMapping(ids=ids, n_query=len(keys), n_matched=int(len(set(ids[ids >= 0].tolist()))), n_vocab=len(vocab))
+
+
+class Annotator:
+    """A loaded annotator: the encoder, the classifier and the tokenizer settings of a bundle."""
+
+    def __init__(self, bundle: Bundle, device: str | torch.device = "cpu"):
+        self.bundle = bundle
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise InputError("--device cuda asked for, but torch sees no CUDA device")
+        model = CellerModel(bundle.model_cfg, n_genes=len(bundle.vocab), n_bins=bundle.n_bins)
+        task = ClassifierTask(model, len(bundle.labels), "ce", np.ones(len(bundle.labels)))
+        missing, unexpected = task.load_state_dict(bundle.state_dict, strict=False)
+        # GInf's buffer is not part of a bundle; anything else missing or extra is a broken bundle.
+        missing = [k for k in missing if not k.startswith("ginf.")]
+        if missing or unexpected:
+            raise InputError(f"bundle {bundle.path}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        self.task = task.to(self.device).eval()
+        self.tokenizer = Tokenizer(n_bins=bundle.n_bins, max_genes=bundle.max_genes, seed=0)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "Annotator":
+        return cls(load_bundle(Path(path)), device)
+
+    @property
+    def labels(self) -> list[str]:
+        return self.bundle.labels
+
+    def gene_mapping(self, adata, gene_column: str | None = None) -> GeneMapping:
+        if gene_column:
+            if gene_column not in adata.var.columns:
+                raise InputError(f"query var has no column {gene_column!r}")
+            return map_genes(pd.Index(adata.var[gene_column].astype(str)), self.bundle.vocab, upper=False)
+        return map_genes(adata.var_names, self.bundle.vocab, upper=True)
+
+    def iter_predictions(
+        self,
+        adata,
+        *,
+        batch_size: int = 256,
+        gene_column: str | None = None,
+        min_overlap: float = DEFAULT_MIN_OVERLAP,
+        progress: Callable[[int], None] | None = None,
+        token_budget: int | None = None,
+    ) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
+        """(rows, probabilities [n, C], embeddings [n, d]) per chunk of ``batch_size`` cells."""
+        if adata.n_obs == 0:
+            raise InputError("the query has zero cells")
+        mapping = self.gene_mapping(adata, gene_column)
+        if mapping.overlap < min_overlap:
+            raise InputError(f"gene overlap too small: {mapping.describe()}; minimum {min_overlap:.0%} (--min-overlap)")
+        self.last_mapping = mapping
+        keep = mapping.ids >= 0
+        cols = np.flatnonzero(keep)
+        vocab_ids = mapping.ids[keep]
+        for a in range(0, adata.n_obs, batch_size):
+            b = min(a + batch_size, adata.n_obs)
+            x = adata.X[a:b]
+            x = sp.csr_matrix(x) if not sp.issparse(x) else x.tocsr()
+            x = x[:, cols].tocoo()
+            if x.data.size and (not np.all(np.isfinite(x.data)) or x.data.min() < 0):
+                raise InputError(f"query X has NaN, infinite or negative values (cells {a}-{b})")
+            tok = self.tokenizer.tokenize(
+                x.row, vocab_ids[x.col], x.data.astype(np.float32), b - a, cell_keys=np.arange(a, b, dtype=np.uint64)
+            )
+            probs, embs = self._predict(tok, token_budget)
+            if progress:
+                progress(b - a)
+            yield slice(a, b), probs, embs
+
+    @torch.no_grad()
+    def _predict(self, tok, token_budget: int | None) -> tuple[np.ndarray, np.ndarray]:
+        batches = [pack(tok)] if token_budget is None else list(iter_token_budget_batches(tok, token_budget))
+        probs, embs = [], []
+        for batch in batches:
+            batch = batch.to(self.device)
+            logits, emb = self.task.logits(batch.gene_ids, batch.values, batch.cu_seqlens, batch.max_seqlen)
+            probs.append(torch.softmax(logits.float(), -1).cpu().numpy())
+            embs.append(emb.float().cpu().numpy())
+        return np.concatenate(probs), np.concatenate(embs)
+
+    def annotate(
+        self,
+        adata,
+        *,
+        batch_size: int = 256,
+        min_confidence: float = 0.0,
+        gene_column: str | None = None,
+        min_overlap: float = DEFAULT_MIN_OVERLAP,
+        progress: Callable[[int], None] | None = None,
+        copy: bool = True,
+    ):
+        """The annotated AnnData: obs celler_label / celler_confidence, obsm X_celler."""
+        out = adata.copy() if copy else adata
+        n = adata.n_obs
+        labels = np.empty(n, dtype=object)
+        conf = np.zeros(n, dtype=np.float32)
+        emb = np.zeros((n, self.task.model.embed_dim), dtype=np.float32)
+        names = np.array(self.labels, dtype=object)
+        for rows, probs, e in self.iter_predictions(
+            adata, batch_size=batch_size, gene_column=gene_column, min_overlap=min_overlap, progress=progress
+        ):
+            top = probs.argmax(1)
+            labels[rows] = names[top]
+            conf[rows] = probs[np.arange(len(top)), top]
+            emb[rows] = e
+        labels[conf < min_confidence] = UNASSIGNED
+        out.obs["celler_label"] = pd.Categorical(labels)
+        out.obs["celler_confidence"] = conf
+        out.obsm["X_celler"] = emb
+        out.uns["celler"] = {
+            "bundle": str(self.bundle.path),
+            "min_confidence": float(min_confidence),
+            "gene_overlap": float(self.last_mapping.overlap),
+            "genes_matched": int(self.last_mapping.n_matched),
+        }
+        return out
