@@ -32,6 +32,38 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="end with one JSON line of the metrics")
     p.set_defaults(func=_evaluate)
 
+    p = sub.add_parser(
+        "export",
+        help="consolidate a fine-tuning checkpoint (any ZeRO stage) into an annotator bundle",
+        description="Writes model.safetensors, config.json, vocab.json, labels.json, metrics.json and "
+        "checksums.sha256 (atomically), and logs the bundle to MLflow as a pyfunc model.",
+    )
+    p.add_argument("--checkpoint", type=Path, required=True, help="fine-tuning run folder, round folder or checkpoint folder")
+    p.add_argument("--out", type=Path, required=True, help="bundle folder to create")
+    p.add_argument("--register", default=None, metavar="NAME", help="register the pyfunc model under NAME")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite file beside the bundle)")
+    p.add_argument("--no-mlflow", action="store_true", help="write the bundle only")
+    p.add_argument("--force", action="store_true", help="replace an existing bundle")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser(
+        "annotate",
+        help="label the cells of an .h5ad with a bundle (obs celler_label / celler_confidence, obsm X_celler)",
+    )
+    p.add_argument("--model", required=True, help="bundle folder, fine-tuning run folder, or models:/NAME/VERSION")
+    p.add_argument("--input", type=Path, required=True, help="query .h5ad (counts or log-normalised)")
+    p.add_argument("--output", type=Path, required=True, help="annotated .h5ad to write")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--min-confidence", type=float, default=0.0, help="below it the label is 'Unassigned'")
+    p.add_argument("--gene-column", default=None, help="var column of gene ids (default: var_names, any case)")
+    p.add_argument("--min-overlap", type=float, default=0.25, help="least share of the model's genes the query must have")
+    p.add_argument("--label-column", default=None, help="true labels, for the plot")
+    p.add_argument("--plot", type=Path, default=None, help="UMAP of the embeddings, coloured by label, as PNG")
+    p.add_argument("--tracking-uri", default=None, help="for models:/ URIs")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_annotate)
+
 
 def _finetune(args: argparse.Namespace) -> int:
     from finetune.run import run_finetune
@@ -91,4 +123,87 @@ def _evaluate(args: argparse.Namespace) -> int:
     )
     if args.json:
         print(json.dumps(report, default=float))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from finetune.export import export_bundle, log_pyfunc
+
+    bundle = export_bundle(args.checkpoint, args.out, overwrite=args.force)
+    print(f"bundle written to {bundle}")
+    if not args.no_mlflow:
+        uri = args.tracking_uri or f"sqlite:///{bundle.resolve().parent / 'mlflow.db'}"
+        model_uri = log_pyfunc(bundle, uri, args.register)
+        extra = f", registered as {args.register}" if args.register else ""
+        print(f"logged to MLflow ({uri}) as {model_uri}{extra}")
+    return 0
+
+
+def _resolve_bundle(model: str, tracking_uri: str | None) -> Path:
+    from hiceller.errors import InputError
+
+    if model.startswith("models:/"):
+        import mlflow
+
+        if tracking_uri:
+            mlflow.set_tracking_uri(tracking_uri)
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model))
+        except Exception as e:
+            raise InputError(f"--model {model}: not found in the MLflow registry ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+        found = list(local.rglob("checksums.sha256"))
+        if not found:
+            raise InputError(f"--model {model}: the registered model holds no HiCeller bundle")
+        return found[0].parent
+    return resolve_model(Path(model))
+
+
+def _annotate(args: argparse.Namespace) -> int:
+    import anndata as ad
+    import pandas as pd
+
+    from finetune.annotate import Annotator
+    from hiceller.errors import InputError
+    from hiceller.progress import progress_factory
+
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not 0 <= args.min_confidence <= 1:
+        raise InputError(f"--min-confidence must be in [0, 1], got {args.min_confidence}")
+    if not args.input.is_file():
+        raise InputError(f"{args.input}: file does not exist")
+    if args.output.resolve() == args.input.resolve():
+        raise InputError(f"--output {args.output} is the input file; write the annotation to a new file")
+    ann = Annotator.load(_resolve_bundle(args.model, args.tracking_uri), device=args.device)
+    try:
+        adata = ad.read_h5ad(args.input)
+    except Exception as e:
+        raise InputError(f"{args.input}: not a readable .h5ad file ({type(e).__name__})") from None
+    if args.label_column and args.label_column not in adata.obs.columns:
+        raise InputError(f"{args.input}: obs has no column {args.label_column!r}")
+    factory = progress_factory(not args.no_progress)
+    bar = factory("annotate", adata.n_obs) if factory else None
+    out = ann.annotate(
+        adata,
+        batch_size=args.batch_size,
+        min_confidence=args.min_confidence,
+        gene_column=args.gene_column,
+        min_overlap=args.min_overlap,
+        progress=bar,
+    )
+    print(ann.last_mapping.describe())
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.output.with_name(f".{args.output.name}.partial")
+    out.write_h5ad(tmp)
+    tmp.replace(args.output)
+    dist = out.obs["celler_label"].value_counts()
+    print(f"annotated {out.n_obs} cells -> {args.output}")
+    for label, n in dist.items():
+        print(f"  {n:>8}  {n / out.n_obs:6.1%}  {label}")
+    if args.plot:
+        from finetune.plots import plot_embedding_umap
+
+        cols = ["celler_label"] + ([args.label_column] if args.label_column else [])
+        plot_embedding_umap(out, cols, args.plot)
+        print(f"UMAP plot: {args.plot}")
     return 0

@@ -47,7 +47,12 @@ def consolidate(cp: Path) -> dict[str, torch.Tensor]:
     try:
         has_zero = any(cp.glob("*optim_states.pt")) and _zero_stage(cp) > 0
         if has_zero:
-            sd = get_fp32_state_dict_from_zero_checkpoint(str(cp.parent), tag=cp.name)
+            import contextlib
+            import io
+
+            # zero_to_fp32 prints its progress; the caller reports what matters.
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                sd = get_fp32_state_dict_from_zero_checkpoint(str(cp.parent), tag=cp.name)
         else:
             sd = torch.load(cp / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
     except (OSError, RuntimeError, KeyError, ValueError, EOFError) as e:
