@@ -1,0 +1,240 @@
+"""Fine-tuning, export and annotation end to end: real DeepSpeed, MLflow, safetensors bundles."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+from data_store.synth import SynthSpec, SyntheticCorpus
+from finetune.annotate import UNASSIGNED, Annotator
+from finetune.bundle import load_bundle, verify_bundle
+from hiceller.errors import InputError
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SPEC = SynthSpec(n_cells=1500, n_genes=1000, n_tissues=6, seed=0)
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HICELLER_DIST_TIMEOUT="60")
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".venv" / "torch_extensions"))
+    return env
+
+
+def hc(*args: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(BIN / "hiceller"), *args], env=_env(), capture_output=True, text=True, timeout=timeout)
+    for p in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"):
+        p.unlink(missing_ok=True)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A synthetic store, a short pretraining run and a fine-tuning run on its largest tissue."""
+    base = tmp_path_factory.mktemp("ft")
+    store = base / "store"
+    hc("synth", "--store", str(store), "--cells", str(SPEC.n_cells), "--genes", str(SPEC.n_genes), "--tissues", str(SPEC.n_tissues), "--no-progress")
+    info = json.loads(hc("info", "--store", str(store), "--json").stdout)
+    tissue = next(iter(info["cells_per_tissue"]))
+    pre = base / "pre"
+    hc("pretrain", "--store", str(store), "--out", str(pre), "--set", "train.steps=10", "--no-progress")
+    ft = base / "ft"
+    hc(
+        "finetune", "--store", str(store), "--pretrained", str(pre), "--tissue", tissue, "--out", str(ft),
+        "--set", "finetune.epochs=2", "--set", "finetune.mining_rounds=1", "--set", "finetune.mining_epochs=1", "--no-progress",
+    )
+    return {"base": base, "store": store, "pre": pre, "ft": ft, "tissue": tissue}
+
+
+def query_h5ad(path: Path, tissue: str, n: int = 120, upper: bool = False, log: bool = False) -> Path:
+    corpus = SyntheticCorpus(SPEC)
+    m, obs = corpus.generate(corpus.tissues.index(tissue), n, 77)
+    X = m.astype(np.float32)
+    if log:
+        lib = np.asarray(X.sum(1)).ravel()
+        X = X.multiply(1e4 / np.maximum(lib, 1)[:, None]).tocsr()
+        X.data = np.log1p(X.data).astype(np.float32)
+    genes = [g if upper else g.lower() for g in corpus.genes]
+    a = ad.AnnData(X=X, obs=obs.set_index("obs_id").assign(keep_me=1), var=pd.DataFrame(index=genes))
+    a.write_h5ad(path)
+    return path
+
+
+def test_finetune_run_layout_and_mlflow(world):
+    ft = world["ft"]
+    summary = json.loads((ft / "summary.json").read_text())
+    assert summary["round"] in (0, 1) and 0 <= summary["val"]["macro_f1"] <= 1
+    for f in ("split.parquet", "model/model.safetensors", "phase1/val_confusion.png", "phase1/val_per_class_f1.csv"):
+        assert (ft / f).is_file(), f
+    assert (ft / "round1" / "hard_cells.parquet").is_file()
+    hard = pd.read_parquet(ft / "round1" / "hard_cells.parquet")
+    assert set(hard["role"]) <= {"hard", "replay"} and len(hard) > 0
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{ft / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    parent = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
+    assert len(parent) == 1 and {c.data.tags["mlflow.runName"] for c in children} == {"phase1", "round1"}
+    assert "best_round" in parent[0].data.metrics and "val_macro_f1" in children[0].data.metrics
+    split = pd.read_parquet(ft / "split.parquet")
+    assert set(split["split"]) >= {"train", "val"}
+
+
+def test_export_equals_run_bundle_and_is_verified(world, tmp_path):
+    out = tmp_path / "bundle"
+    hc("export", "--checkpoint", str(world["ft"]), "--out", str(out), "--no-mlflow")
+    a, b = load_bundle(out), load_bundle(world["ft"] / "model")
+    assert a.labels == b.labels and a.vocab == b.vocab
+    for k in b.state_dict:
+        np.testing.assert_allclose(a.state_dict[k].numpy(), b.state_dict[k].numpy(), rtol=0, atol=1e-6)
+    # refusing to overwrite; a pretraining checkpoint is not an annotator
+    again = hc("export", "--checkpoint", str(world["ft"]), "--out", str(out), "--no-mlflow", check=False)
+    assert again.returncode == 2 and "already exists" in again.stderr
+    pre = hc("export", "--checkpoint", str(world["pre"]), "--out", str(tmp_path / "x"), "--no-mlflow", check=False)
+    assert pre.returncode == 2 and "fine-tune it first" in pre.stderr and not (tmp_path / "x").exists()
+
+
+def test_annotate_round_trip_counts_and_logexpr(world, tmp_path):
+    bundle = world["ft"] / "model"
+    counts = query_h5ad(tmp_path / "q.h5ad", world["tissue"])
+    logq = query_h5ad(tmp_path / "qlog.h5ad", world["tissue"], upper=True, log=True)
+    out = tmp_path / "out.h5ad"
+    proc = hc("annotate", "--model", str(bundle), "--input", str(counts), "--output", str(out), "--no-progress")
+    assert "annotated 120 cells" in proc.stdout
+    a = ad.read_h5ad(out)
+    assert {"celler_label", "celler_confidence", "cell_type", "keep_me"} <= set(a.obs.columns)
+    assert a.obsm["X_celler"].shape == (120, 64)
+    assert ((a.obs["celler_confidence"] > 0) & (a.obs["celler_confidence"] <= 1)).all()
+    # log-normalised input with upper-case symbols gives the same labels (rank bins are scale-free)
+    b = Annotator.load(bundle).annotate(ad.read_h5ad(logq))
+    assert list(b.obs["celler_label"].astype(str)) == list(a.obs["celler_label"].astype(str))
+    np.testing.assert_allclose(b.obsm["X_celler"], a.obsm["X_celler"], atol=1e-4)
+    c = Annotator.load(bundle).annotate(ad.read_h5ad(counts), min_confidence=1.0)
+    assert set(c.obs["celler_label"].astype(str)) == {UNASSIGNED}
+
+
+def test_evaluate_json(world, tmp_path):
+    q = query_h5ad(tmp_path / "q.h5ad", world["tissue"])
+    proc = hc("evaluate", "--model", str(world["ft"]), "--input", str(q), "--json", "--out", str(tmp_path / "ev"))
+    rep = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {"accuracy", "macro_f1", "rare_class_f1", "per_class_f1"} <= set(rep)
+    assert (tmp_path / "ev" / "confusion.png").is_file()
+
+
+def test_pyfunc_matches_cli(world, tmp_path):
+    import mlflow
+
+    bundle = world["ft"] / "model"
+    q = query_h5ad(tmp_path / "q.h5ad", world["tissue"], n=50)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp = tmp_path / "exported"
+    hc("export", "--checkpoint", str(world["ft"]), "--out", str(exp), "--tracking-uri", uri, "--register", "celler-test")
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model("models:/celler-test/1")
+    a = ad.read_h5ad(q)
+    frame = pd.DataFrame(a.X.toarray(), columns=a.var_names, index=a.obs_names)
+    pred = model.predict(frame)
+    cli_out = tmp_path / "cli.h5ad"
+    hc("annotate", "--model", "models:/celler-test/1", "--tracking-uri", uri, "--input", str(q), "--output", str(cli_out), "--no-progress")
+    cli = ad.read_h5ad(cli_out)
+    assert list(pred["label"]) == list(cli.obs["celler_label"].astype(str))
+    np.testing.assert_allclose(pred["confidence"].to_numpy(), cli.obs["celler_confidence"].to_numpy(), atol=1e-6)
+
+
+def test_tampered_or_broken_bundles_refused(world, tmp_path):
+    src = world["ft"] / "model"
+    t = tmp_path / "tampered"
+    shutil.copytree(src, t)
+    labels = json.loads((t / "labels.json").read_text())
+    labels["names"][0] = "evil"
+    (t / "labels.json").write_text(json.dumps(labels))
+    with pytest.raises(InputError, match="checksum mismatch for labels.json"):
+        verify_bundle(t)
+    m = tmp_path / "missing"
+    shutil.copytree(src, m)
+    (m / "vocab.json").unlink()
+    with pytest.raises(InputError, match="vocab.json is missing"):
+        load_bundle(m)
+    q = query_h5ad(tmp_path / "q.h5ad", world["tissue"], n=20)
+    proc = hc("annotate", "--model", str(t), "--input", str(q), "--output", str(tmp_path / "o.h5ad"), check=False)
+    assert proc.returncode == 2 and "checksum mismatch" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "o.h5ad").exists()
+
+
+def test_annotate_bad_input(world, tmp_path):
+    bundle = str(world["ft"] / "model")
+    q = query_h5ad(tmp_path / "q.h5ad", world["tissue"], n=20)
+    same = hc("annotate", "--model", bundle, "--input", str(q), "--output", str(q), check=False)
+    assert same.returncode == 2 and "is the input file" in same.stderr
+    empty = tmp_path / "empty.h5ad"
+    ad.AnnData(X=np.zeros((0, 3), np.float32), var=pd.DataFrame(index=["SYN00001", "SYN00002", "SYN00003"])).write_h5ad(empty)
+    e = hc("annotate", "--model", bundle, "--input", str(empty), "--output", str(tmp_path / "e.h5ad"), check=False)
+    assert e.returncode == 2 and "zero cells" in e.stderr
+    other = tmp_path / "other.h5ad"
+    ad.AnnData(X=np.ones((4, 3), np.float32), var=pd.DataFrame(index=["CD3E", "MS4A1", "LYZ"])).write_h5ad(other)
+    o = hc("annotate", "--model", bundle, "--input", str(other), "--output", str(tmp_path / "o.h5ad"), check=False)
+    assert o.returncode == 2 and "gene overlap too small" in o.stderr
+    for p in (tmp_path / "e.h5ad", tmp_path / "o.h5ad"):
+        assert not p.exists()
+
+
+def test_finetune_bad_input(world, tmp_path):
+    r = hc("finetune", "--store", str(world["store"]), "--pretrained", str(world["pre"]), "--tissue", "atlantis", "--out", str(tmp_path / "a"), check=False)
+    assert r.returncode == 2 and "tissue 'atlantis' is not in store" in r.stderr and "tissues:" in r.stderr
+    r = hc("finetune", "--store", str(world["store"]), "--pretrained", str(tmp_path / "nope"), "--out", str(tmp_path / "b"), check=False)
+    assert r.returncode == 2 and "does not exist" in r.stderr
+    r = hc("finetune", "--store", str(world["store"]), "--pretrained", str(world["pre"]), "--out", str(tmp_path / "c"), "--label-column", "celltype", check=False)
+    assert r.returncode == 2 and "label column" in r.stderr
+    for d in ("a", "b", "c"):
+        assert not (tmp_path / d).exists() or not any((tmp_path / d).iterdir())
+
+
+@pytest.mark.faults
+def test_killed_export_leaves_no_bundle(world, tmp_path):
+    """SIGKILL at several moments of an export: afterwards the bundle either verifies or is absent."""
+    for delay in (0.5, 1.5, 3.0, 5.0):
+        out = tmp_path / f"b{delay}"
+        proc = subprocess.Popen(
+            [str(BIN / "hiceller"), "export", "--checkpoint", str(world["ft"]), "--out", str(out), "--no-mlflow"],
+            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+        time.sleep(delay)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+        if out.exists():
+            verify_bundle(out)
+        rerun = hc("export", "--checkpoint", str(world["ft"]), "--out", str(out), "--no-mlflow", "--force")
+        verify_bundle(out)
+
+
+@pytest.mark.slow
+def test_export_zero1_and_zero3_identical(world, tmp_path):
+    bundles = []
+    for stage in (1, 3):
+        ft = tmp_path / f"ft{stage}"
+        hc(
+            "finetune", "--store", str(world["store"]), "--pretrained", str(world["pre"]), "--tissue", world["tissue"], "--out", str(ft),
+            "--set", "finetune.epochs=1", "--set", "finetune.mining_rounds=0", "--set", f"deepspeed.zero_stage={stage}", "--no-progress",
+        )
+        hc("export", "--checkpoint", str(ft / "phase1"), "--out", str(tmp_path / f"b{stage}"), "--no-mlflow")
+        bundles.append(load_bundle(tmp_path / f"b{stage}"))
+    a, b = bundles
+    assert a.labels == b.labels
+    for k in a.state_dict:
+        np.testing.assert_allclose(a.state_dict[k].numpy(), b.state_dict[k].numpy(), rtol=1e-4, atol=1e-5)
