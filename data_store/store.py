@@ -250,8 +250,10 @@ class CorpusStore:
             with soma.Experiment.open(self.uri, "w", context=soma_context(self.uri)) as exp:
                 exp.ms["RNA"].var.write(pa.table({"soma_joinid": ids, "gene": pa.array(list(new), pa.large_string())}))
             lookup = pd.concat([lookup, pd.Series(ids, index=new)])
-            self._registry["n_genes"] = start + len(new)
-            self._grow_x(n_genes=start + len(new))
+        # Also when nothing is new: a run killed after writing var but before growing X (or saving
+        # the registry) left genes that X has no columns for; the next write would fail.
+        self._registry["n_genes"] = len(lookup)
+        self._grow_x(n_genes=len(lookup))
         return lookup.reindex(genes).to_numpy(dtype=np.int64), len(new)
 
     def _grow_x(self, n_cells: int | None = None, n_genes: int | None = None) -> None:

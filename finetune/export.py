@@ -75,7 +75,13 @@ def log_pyfunc(bundle: Path, tracking_uri: str | None, register: str | None) -> 
 
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_experiment("hiceller-models")
+    name = "hiceller-models"
+    if mlflow.get_experiment_by_name(name) is None:
+        uri = mlflow.get_tracking_uri()
+        # Artifacts beside a sqlite tracking file, never in the caller's working directory.
+        where = Path(uri[len("sqlite:///"):]).parent if uri.startswith("sqlite:///") else Path(bundle).resolve().parent
+        mlflow.create_experiment(name, artifact_location=(where / "mlruns").resolve().as_uri())
+    mlflow.set_experiment(name)
     with mlflow.start_run(run_name=f"export-{Path(bundle).name}") as run:
         info = mlflow.pyfunc.log_model(
             name="celler",

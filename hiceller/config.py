@@ -49,9 +49,9 @@ class DataConfig:
     """Expression bins per cell; bin 0 means zero, bins 1..n_bins-1 are per-cell quantiles."""
     max_genes: int = 1200
     """At most this many non-zero genes per cell (sampled, seeded); the <cls> token comes on top."""
-    block_size: int = 1024
+    block_size: int = 256
     """Contiguous soma_joinids read together; the unit of the global shuffle."""
-    buffer_blocks: int = 8
+    buffer_blocks: int = 512
     """Blocks held in the shuffle buffer; memory ~ buffer_blocks x block_size x bytes per cell."""
     label_column: str = "cell_type"
     """obs column used as the label where labels are needed."""

@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -124,8 +127,11 @@ def train(
             step = _load(engine, cp, streams, dist)
             if dist.is_main:
                 print(f"{log_prefix}resumed from {cp} at step {step}", flush=True)
-    if dist.is_main and step == 0 and metrics_path.exists():
-        metrics_path.unlink()
+    if dist.is_main and metrics_path.exists():
+        if step == 0:
+            metrics_path.unlink()
+        else:
+            _trim_metrics(metrics_path, step)
 
     shards = len(streams)
     iters = [iter(s.dataloader(num_workers=cfg.data.num_workers)) for s in streams]
@@ -235,9 +241,15 @@ def save(engine, run_dir: Path, step: int, streams: list[CellStream], cfg: RunCo
     root = ckpt.checkpoint_root(run_dir)
     tag = ckpt.tag_for(step)
     cp = root / tag
-    ok = torch.tensor([1])
     try:
         engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
+    except (OSError, RuntimeError) as e:
+        # torch.save reports a full disk as a RuntimeError. This rank may have failed between
+        # DeepSpeed's own barriers while the others wait in one, so no collective can agree on the
+        # failure here: stop now; the launcher (or the peers' collective timeout) ends the others.
+        raise HicellerError(_save_error(run_dir, cp, e)) from None
+    ok = torch.tensor([1])
+    try:
         ckpt.write_json_atomic(cp / f"loader_rank{dist.rank}.json", [s.state_dict() for s in streams])
         if dist.is_main:
             (cp / "config.toml").write_text(cfg.to_toml())
@@ -256,7 +268,10 @@ def save(engine, run_dir: Path, step: int, streams: list[CellStream], cfg: RunCo
     if dist.world_size > 1:
         torch.distributed.barrier()
     if dist.is_main:
-        ckpt.mark_complete(cp, {"step": step, "world_size": dist.world_size, "shards": len(streams), "time": time.time()})
+        try:
+            ckpt.mark_complete(cp, {"step": step, "world_size": dist.world_size, "shards": len(streams), "time": time.time()})
+        except OSError as e:
+            raise HicellerError(_save_error(run_dir, cp, e)) from None
         ckpt.prune(run_dir, cfg.train.keep_last)
     if dist.world_size > 1:
         torch.distributed.barrier()
@@ -269,17 +284,87 @@ def _resume_point(run_dir: Path, resume: str, dist: DistInfo) -> Path | None:
     return ckpt.resolve_checkpoint(Path(resume))
 
 
+def _trim_metrics(path: Path, step: int) -> None:
+    """Keep the metrics rows of steps up to the resume point: a run killed after its last checkpoint
+    wrote rows for steps it now redoes (and maybe a torn last line), which would appear twice."""
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            keep.append(line + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+def _dir_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file()) / 2**20
+
+
+def _save_error(run_dir: Path, cp: Path, e: BaseException) -> str:
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else _first_line(e)
+    try:
+        free = shutil.disk_usage(cp.parent).free / 2**20
+        last = ckpt.latest_complete(run_dir)
+        need = _dir_mb(last) if last is not None else 0.0
+    except OSError:
+        free = need = None
+    if free is not None and free < need:
+        reason = f"the disk looks full ({free:.1f} MiB free, the last checkpoint took {need:.1f} MiB): {reason}"
+    elif free is not None:
+        reason += f" ({free:.1f} MiB free there)"
+    return f"could not write checkpoint {cp}: {reason}; earlier checkpoints are intact"
+
+
+def _earlier_hint(cp: Path) -> str:
+    earlier = [p for p in ckpt.list_checkpoints(cp.parent.parent) if p.name < cp.name]
+    return f"; resume from an earlier one with --resume {earlier[-1]}" if earlier else ""
+
+
+def _check_files(cp: Path) -> None:
+    """Refuse, by name, a torch file of the checkpoint that is not a whole zip archive (the format of
+    torch.save): a truncated file is caught here instead of deep inside DeepSpeed."""
+    for f in sorted(cp.glob("*.pt")):
+        try:
+            with f.open("rb") as fh:
+                if fh.read(2) not in (b"PK", b""):
+                    continue  # a legacy (non-zip) torch file: left to DeepSpeed to load
+            with zipfile.ZipFile(f) as z:
+                z.infolist()
+        except (zipfile.BadZipFile, OSError, ValueError) as e:
+            raise HicellerError(f"checkpoint file {f} is damaged ({e}); not resuming from it{_earlier_hint(cp)}") from None
+
+
 def _load(engine, cp: Path, streams: list[CellStream], dist: DistInfo) -> int:
-    meta = json.loads((cp / "meta.json").read_text())
+    try:
+        meta = json.loads((cp / "meta.json").read_text())
+    except (OSError, ValueError) as e:
+        raise HicellerError(f"checkpoint file {cp / 'meta.json'} is unreadable ({_first_line(e)}){_earlier_hint(cp)}") from None
     if meta.get("world_size") != dist.world_size or meta.get("shards") != len(streams):
         raise HicellerError(
             f"checkpoint {cp} was written by {meta.get('world_size')} rank(s) x {meta.get('shards')} shard(s); "
             f"this run has {dist.world_size} x {len(streams)} (set train.data_shards_per_rank to keep ranks x shards)"
         )
-    path, client = engine.load_checkpoint(str(cp.parent), tag=cp.name, load_module_strict=True)
+    _check_files(cp)
+    try:
+        path, client = engine.load_checkpoint(str(cp.parent), tag=cp.name, load_module_strict=True)
+    except Exception as e:  # never continue from a partial load
+        raise HicellerError(f"checkpoint {cp} could not be loaded ({_first_line(e)}){_earlier_hint(cp)}") from None
     if path is None:
         raise HicellerError(f"checkpoint {cp} could not be loaded by DeepSpeed (files missing or damaged)")
-    states = json.loads((cp / f"loader_rank{dist.rank}.json").read_text())
+    loader = cp / f"loader_rank{dist.rank}.json"
+    try:
+        states = json.loads(loader.read_text())
+    except (OSError, ValueError) as e:
+        raise HicellerError(f"checkpoint file {loader} is unreadable ({_first_line(e)}){_earlier_hint(cp)}") from None
     for s, st in zip(streams, states):
         s.load_state_dict(st)
     return int(client["step"])

@@ -76,7 +76,9 @@ def run_pretrain(args: argparse.Namespace) -> int:
         resume = None
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        if resume is None and ckpt.list_checkpoints(out, complete_only=False):
+        # With --resume auto and only incomplete checkpoints (killed while saving the first one) it
+        # starts over: the next save overwrites or prunes them.
+        if args.resume is None and ckpt.list_checkpoints(out, complete_only=False):
             raise HicellerError(f"run folder {out} already has checkpoints: pass --resume auto, or use a new --out")
         (out / "config.toml").write_text(cfg.to_toml())
         (out / "vocab.json").write_text(json.dumps(vocab))
@@ -134,7 +136,13 @@ def run_pretrain(args: argparse.Namespace) -> int:
         status = "FINISHED" if not result.stopped_early else "KILLED"
     finally:
         if dist.is_main:
-            _finish(out, tracker, status)
+            try:
+                _finish(out, tracker, status)
+            except Exception as e:
+                if status != "FAILED":
+                    raise
+                # Report the error that stopped training, not this one (a full disk fails both).
+                print(f"hiceller pretrain: warning: could not close the MLflow run: {e}", file=sys.stderr, flush=True)
     if dist.is_main:
         print(f"pretraining stopped at step {result.step}; checkpoint {result.last_checkpoint}", flush=True)
     return 0
