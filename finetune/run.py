@@ -223,7 +223,7 @@ def _phases(ctx: _Context, split, fresh_task, parent) -> dict[str, Any]:
     fcfg = cfg.finetune
     state = ctx.pre.state_dict
     task = fresh_task(state, with_head=False)
-    tracker_best = BestRoundTracker(patience=1)
+    tracker_best = BestRoundTracker(patience=fcfg.mining_patience)
     best: dict[str, Any] = {}
     train_idx = split.train_idx
     miner = HardMiner(HardMiningRule.from_config(fcfg))

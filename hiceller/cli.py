@@ -47,6 +47,9 @@ def run_handler(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args) or 0)
     except HicellerError as e:
+        from hiceller.progress import close_all
+
+        close_all()
         print(f"hiceller {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

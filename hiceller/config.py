@@ -11,6 +11,7 @@ This module imports no torch: ``cluster/`` turns configs into launcher files wit
 from __future__ import annotations
 
 import dataclasses
+import json
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -208,6 +209,8 @@ class FinetuneConfig:
     """Hard-mining rounds after phase 1 (0 disables mining)."""
     mining_epochs: int = 3
     """Passes over the hard set + replay sample in each round."""
+    mining_patience: int = 1
+    """Rounds without a validation macro-F1 gain before mining stops."""
     hard_cap_per_class: int = 200
     """At most this many hard cells of one class enter a round."""
     replay_fraction: float = 0.5
@@ -225,6 +228,7 @@ class FinetuneConfig:
         _check(self.epochs >= 1, "finetune.epochs", f"must be >= 1, got {self.epochs}")
         _check(self.mining_rounds >= 0, "finetune.mining_rounds", f"must be >= 0, got {self.mining_rounds}")
         _check(self.mining_epochs >= 1, "finetune.mining_epochs", f"must be >= 1, got {self.mining_epochs}")
+        _check(self.mining_patience >= 1, "finetune.mining_patience", f"must be >= 1, got {self.mining_patience}")
         _check(self.hard_cap_per_class >= 1, "finetune.hard_cap_per_class", f"must be >= 1, got {self.hard_cap_per_class}")
         _check(self.replay_fraction >= 0, "finetune.replay_fraction", f"must be >= 0, got {self.replay_fraction}")
         _check(0.0 < self.val_fraction < 1.0, "finetune.val_fraction", f"must be in (0, 1), got {self.val_fraction}")
@@ -302,7 +306,8 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, (int, float)):
         return repr(v)
     if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        # JSON's escapes (\n, \", \\, \uXXXX) are all valid in a TOML basic string.
+        return json.dumps(v, ensure_ascii=False)
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     raise TypeError(f"cannot write {type(v).__name__} as TOML")

@@ -1,11 +1,16 @@
 """`make demo`: the whole HiCeller pipeline on generated data (plus ../shared/data when present).
 
+    synth -> ingest -> info -> pretrain (DeepSpeed ZeRO-2, 2 CPU ranks) -> fine-tune one tissue
+    (GInf + 2 hard-mining rounds, one donor held out) -> export -> annotate the held-out donor's
+    cells -> evaluate -> summary
+
 Each stage runs the real CLI command, as a user would type it, and the command is printed first.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import subprocess
 import sys
@@ -15,13 +20,36 @@ from pathlib import Path
 __all__ = ["main"]
 
 
-def _run(cmd: list[str]) -> None:
+def _run(cmd: list[str], capture: bool = False) -> str:
     print(f"\n$ {shlex.join(cmd)}", flush=True)
     t = time.time()
-    rc = subprocess.call(cmd)
-    if rc != 0:
-        sys.exit(f"demo: stage failed (exit {rc}): {shlex.join(cmd)}")
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE if capture else None, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"demo: stage failed (exit {proc.returncode}): {shlex.join(cmd)}")
     print(f"  ({time.time() - t:.1f} s)", flush=True)
+    return proc.stdout or ""
+
+
+def _pick_tissue(store: Path) -> tuple[str, str]:
+    """The synthetic tissue with the most cells and the donor of it to hold out (its second largest)."""
+    from data_store.store import CorpusStore
+
+    s = CorpusStore.open(str(store))
+    synth = [d for d in s.complete_datasets() if d.dataset_id.startswith("synth-")]
+    best = max(synth, key=lambda d: d.n_cells)
+    donors = sorted(best.counts.get("donor_id", {}).items(), key=lambda kv: -kv[1])
+    return best.tissue, donors[1][0] if len(donors) > 1 else donors[0][0]
+
+
+def _heldout_h5ad(store: Path, tissue: str, donor: str, path: Path) -> int:
+    from data_store.store import CorpusStore
+
+    s = CorpusStore.open(str(store))
+    obs = s.obs(["donor_id", "tissue"], value_filter=f"tissue == {json.dumps(tissue)}")
+    ids = obs.loc[obs["donor_id"] == donor, "soma_joinid"].to_numpy()
+    a = s.to_anndata(ids)
+    a.write_h5ad(path)
+    return a.n_obs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,12 +57,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("demo_out"))
     ap.add_argument("--shared", type=Path, default=Path("../shared/data"))
     ap.add_argument("--cells", type=int, default=30_000)
-    ap.add_argument("--steps", type=int, default=100, help="pretraining steps (debug model, 2 CPU ranks)")
+    ap.add_argument("--steps", type=int, default=150, help="pretraining steps (debug model, 2 CPU ranks)")
+    ap.add_argument("--finetune-epochs", type=int, default=4)
     args = ap.parse_args(argv)
     hc = [str(Path(sys.executable).with_name("hiceller"))]
-    store = args.out / "store"
-    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out
+    store, pre, ft = out / "store", out / "pretrain", out / "finetune"
+    bundle, query, annotated = out / "bundle", out / "heldout_donor.h5ad", out / "heldout_donor_annotated.h5ad"
+    out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
+
     _run(hc + ["synth", "--store", str(store), "--cells", str(args.cells), "--seed", "0"])
     files = sorted(args.shared.glob("*.h5ad")) if args.shared.is_dir() else []
     if files:
@@ -42,16 +74,38 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"\n{args.shared} not found: the real data sets are skipped")
     _run(hc + ["info", "--store", str(store)])
-    run = args.out / "pretrain"
     _run(
         hc
-        + ["launch", "--config", "debug", "--store", str(store), "--out", str(run), "--nodes", "1", "--gpus-per-node", "2"]
+        + ["launch", "--config", "debug", "--store", str(store), "--out", str(pre), "--nodes", "1", "--gpus-per-node", "2"]
         + ["--set", f"train.steps={args.steps}", "--set", "deepspeed.zero_stage=2", "--resume", "auto"]
     )
+    tissue, donor = _pick_tissue(store)
+    for p in (ft, bundle):
+        if p.exists():
+            import shutil
+
+            shutil.rmtree(p)
+    _run(
+        hc
+        + ["finetune", "--config", "debug", "--store", str(store), "--pretrained", str(pre), "--tissue", tissue]
+        + ["--holdout-donors", donor, "--out", str(ft)]
+        + ["--set", 'finetune.loss="ginf"', "--set", f"finetune.epochs={args.finetune_epochs}"]
+        + ["--set", "finetune.mining_rounds=2", "--set", "finetune.mining_patience=2"]
+    )
+    _run(hc + ["export", "--checkpoint", str(ft), "--out", str(bundle), "--force"])
+    n = _heldout_h5ad(store, tissue, donor, query)
+    print(f"\nwrote the {n} cells of held-out donor {donor} to {query}")
+    _run(hc + ["annotate", "--model", str(bundle), "--input", str(query), "--output", str(annotated), "--label-column", "cell_type"])
+    report = json.loads(_run(hc + ["evaluate", "--model", str(bundle), "--input", str(annotated), "--json"], capture=True).strip().splitlines()[-1])
+    rare = report.get("rare_class_f1")
     print(f"\ndemo finished in {time.time() - t0:.0f} s")
-    print(f"  store:            {store}")
-    print(f"  pretraining run:  {run} (loss curve: {run / 'loss_curve.png'})")
-    print(f"  MLflow UI:        {hc[0]} ui --run {run}")
+    print(f"  tissue {tissue}, held-out donor {donor}: {n} cells")
+    print(f"  macro-F1 {report['macro_f1']:.3f}, rare-class F1 {'n/a' if rare is None else f'{rare:.3f}'}, accuracy {report['accuracy']:.3f}")
+    print(f"  store:       {store}")
+    print(f"  bundle:      {bundle}")
+    print(f"  annotated:   {annotated}")
+    print(f"  MLflow UI:   {hc[0]} ui --run {pre}      (pretraining)")
+    print(f"               {hc[0]} ui --run {ft}      (fine-tuning: parent run, one child per round)")
     return 0
 
 

@@ -7,7 +7,7 @@ from typing import Callable
 
 from tqdm.auto import tqdm
 
-__all__ = ["ProgressFactory", "progress_factory"]
+__all__ = ["ProgressFactory", "progress_factory", "close_all"]
 
 ProgressFactory = Callable[[str, int], Callable[[int], None]]
 
@@ -31,3 +31,12 @@ def progress_factory(enabled: bool = True) -> ProgressFactory | None:
         return advance
 
     return make
+
+
+def close_all() -> None:
+    """Erase bars still open (a stage that failed), so an error message gets a clean line."""
+    while _bars:
+        bar = _bars.pop()
+        if bar.n < (bar.total or 0):
+            bar.leave = False
+        bar.close()

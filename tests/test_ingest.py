@@ -477,11 +477,6 @@ def test_bad_chunk_size_is_refused(tmp_path: Path, in_process) -> None:
     assert not (tmp_path / "s").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="hiceller/progress.py: an open tqdm bar is redrawn after the error line when the process exits "
-    "(and the error is printed on the bar's unterminated line)",
-)
 def test_refusal_with_progress_bars_ends_with_the_error(tmp_path: Path) -> None:
     """Without --no-progress the bar output comes first; the error is still the last line, whole."""
     p = _with_value(tmp_path, np.nan)
