@@ -74,6 +74,8 @@ def run_pretrain(args: argparse.Namespace) -> int:
     resume = args.resume
     if resume == "auto" and ckpt.latest_complete(out) is None:
         resume = None
+    # An explicit --resume that does not resolve fails before the run folder is written.
+    cp = ckpt.resolve_checkpoint(Path(resume)) if resume not in (None, "auto") else None
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         # With --resume auto and only incomplete checkpoints (killed while saving the first one) it
@@ -84,7 +86,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
         (out / "vocab.json").write_text(json.dumps(vocab))
     if resume is not None:
         # The model size must match the checkpoint's, whatever the store has gained since.
-        cp = ckpt.resolve_checkpoint(out if resume == "auto" else Path(resume))
+        cp = cp or ckpt.resolve_checkpoint(out)
         vocab = json.loads((cp / "vocab.json").read_text())
     torch.manual_seed(cfg.train.seed)
     model = CellerModel(cfg.model, n_genes=len(vocab), n_bins=cfg.data.n_bins)
