@@ -306,7 +306,7 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, (int, float)):
         return repr(v)
     if isinstance(v, str):
-        # JSON's escapes (\n, \", \\, \uXXXX) are all valid in a TOML basic string.
+        # JSON string escapes are all valid in a TOML basic string.
         return json.dumps(v, ensure_ascii=False)
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"

@@ -10,11 +10,9 @@ every wait has a deadline.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +20,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from _ds import ds_env
 
 pytestmark = pytest.mark.faults
 
@@ -33,27 +32,13 @@ FAIL_WITHIN = 120  # a failing run must be gone this long after the fault
 CKPT = "checkpoints"
 
 
+from _ds import cleanup_shm as _cleanup_shm
+from _ds import complete_steps, losses, rows
+from _ds import free_port as _free_port
+
+
 def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["DS_ACCELERATOR"] = "cpu"
-    env["PYTHONPATH"] = str(ROOT)
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".venv" / "torch_extensions"))
-    env["OMP_NUM_THREADS"] = "1"
-    env["HICELLER_DIST_TIMEOUT"] = "30"
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _cleanup_shm(port: int) -> None:
-    # DeepSpeed's CPU comm buffers are named after the master address and port of the run.
-    for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
-        p.unlink(missing_ok=True)
+    return ds_env(dist_timeout=30)
 
 
 class Launch:
@@ -137,32 +122,11 @@ def run_ok(start, *args, **kw) -> Launch:
     return run
 
 
-def rows(out: Path) -> list[dict]:
-    path = out / "metrics.jsonl"
-    if not path.exists():
-        return []
-    got = []
-    for line in path.read_text().splitlines():
-        try:
-            got.append(json.loads(line))
-        except ValueError:
-            pass  # a line being written
-    return got
-
-
-def losses(rs: list[dict]) -> list[float]:
-    return [r["loss"] for r in rs]
-
-
 def step_dirs(out: Path) -> list[Path]:
     root = out / CKPT
     if not root.is_dir():
         return []
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
-
-
-def complete_steps(out: Path) -> list[int]:
-    return [int(p.name[5:]) for p in step_dirs(out) if (p / "COMPLETE").is_file()]
 
 
 def wait_for(run: Launch, cond, what: str, timeout: float = RUN_TIMEOUT, every: float = 0.05) -> None:

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from _ds import ds_env as _env
 from data_store.synth import SynthSpec, SyntheticCorpus
 from finetune.annotate import UNASSIGNED, Annotator
 from finetune.bundle import load_bundle, verify_bundle
@@ -24,13 +25,6 @@ from hiceller.errors import InputError
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SPEC = SynthSpec(n_cells=1500, n_genes=1000, n_tissues=6, seed=0)
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HICELLER_DIST_TIMEOUT="60")
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".venv" / "torch_extensions"))
-    return env
 
 
 def hc(*args: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -139,7 +133,6 @@ def test_evaluate_json(world, tmp_path):
 def test_pyfunc_matches_cli(world, tmp_path):
     import mlflow
 
-    bundle = world["ft"] / "model"
     q = query_h5ad(tmp_path / "q.h5ad", world["tissue"], n=50)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     exp = tmp_path / "exported"
@@ -219,7 +212,7 @@ def test_killed_export_leaves_no_bundle(world, tmp_path):
         proc.wait(30)
         if out.exists():
             verify_bundle(out)
-        rerun = hc("export", "--checkpoint", str(world["ft"]), "--out", str(out), "--no-mlflow", "--force")
+        hc("export", "--checkpoint", str(world["ft"]), "--out", str(out), "--no-mlflow", "--force")
         verify_bundle(out)
 
 

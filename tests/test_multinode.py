@@ -12,16 +12,15 @@ every wait has a deadline.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from _ds import ds_env
 
 pytestmark = pytest.mark.slow
 
@@ -33,27 +32,13 @@ DIST_TIMEOUT = 30
 LONG_STEPS = 40
 
 
+from _ds import cleanup_shm as _cleanup_shm
+from _ds import complete_steps, losses, rows
+from _ds import free_port as _free_port
+
+
 def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["DS_ACCELERATOR"] = "cpu"
-    env["PYTHONPATH"] = str(ROOT)
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".venv" / "torch_extensions"))
-    env["OMP_NUM_THREADS"] = "1"
-    env["HICELLER_DIST_TIMEOUT"] = str(DIST_TIMEOUT)
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _cleanup_shm(port: int) -> None:
-    # DeepSpeed's CPU comm buffers are named after the master address and port of the run.
-    for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
-        p.unlink(missing_ok=True)
+    return ds_env(dist_timeout=DIST_TIMEOUT)
 
 
 class Proc:
@@ -107,30 +92,6 @@ def procs():
     finally:
         for p in started:
             p.kill()
-
-
-def rows(out: Path) -> list[dict]:
-    path = out / "metrics.jsonl"
-    if not path.exists():
-        return []
-    got = []
-    for line in path.read_text().splitlines():
-        try:
-            got.append(json.loads(line))
-        except ValueError:
-            pass  # a line being written
-    return got
-
-
-def losses(rs: list[dict]) -> list[float]:
-    return [r["loss"] for r in rs]
-
-
-def complete_steps(out: Path) -> list[int]:
-    root = out / "checkpoints"
-    if not root.is_dir():
-        return []
-    return sorted(int(p.name[5:]) for p in root.glob("step_*") if (p / "COMPLETE").is_file())
 
 
 def launch_nodes(start, store: str, out: Path, sets: list[str], resume: bool = False) -> tuple[Proc, Proc]:

@@ -4,40 +4,21 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from _ds import cleanup_shm as _cleanup_shm
+from _ds import ds_env as _env
+from _ds import free_port as _free_port
 from pretrain.loop import warmup_cosine
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 ASSETS = Path(__file__).parent / "assets"
 STEPS = 24
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["DS_ACCELERATOR"] = "cpu"
-    env["PYTHONPATH"] = str(ROOT)
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".venv" / "torch_extensions"))
-    env["OMP_NUM_THREADS"] = "1"
-    env["HICELLER_DIST_TIMEOUT"] = "60"
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _cleanup_shm() -> None:
-    for p in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"):
-        p.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="module")
