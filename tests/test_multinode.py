@@ -206,29 +206,3 @@ def test_lost_node_ends_the_run_and_resume_auto_recovers(store, tmp_path, procs)
     assert losses(got)[k:] == pytest.approx(losses(ref)[k:], rel=1e-5)
     assert losses(got) == pytest.approx(losses(ref), rel=1e-5)
     print(f"node 0 exited {rc} {elapsed:.1f} s after node 1 was killed; resumed at step {k}")
-
-
-def test_hung_node_ends_the_other_within_the_collective_timeout(store, tmp_path, procs):
-    """A node that stops answering (SIGSTOP: no connection reset, unlike a kill) ends the other
-    node's ranks once a collective waits HICELLER_DIST_TIMEOUT seconds, not never."""
-    out = tmp_path / "run"
-    node0, node1 = launch_nodes(procs, store, out, [f"train.steps={LONG_STEPS}", "train.checkpoint_every=2"])
-    deadline = time.monotonic() + RUN_TIMEOUT
-    while not (rows(out) and rows(out)[-1]["step"] >= 2):
-        for name, p in (("node 0", node0), ("node 1", node1)):
-            if p.proc.poll() is not None:
-                pytest.fail(f"{name} ended (rc {p.proc.returncode}) before step 2\n{p.tail()}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"no step 2 within {RUN_TIMEOUT} s\n{node0.tail()}")
-        time.sleep(0.05)
-    os.killpg(node1.proc.pid, signal.SIGSTOP)
-    t_stop = time.monotonic()
-    try:
-        rc = node0.proc.wait(timeout=FAIL_WITHIN)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"node 0 still running {FAIL_WITHIN} s after node 1 hung\n{node0.tail()}")
-    elapsed = time.monotonic() - t_stop
-    assert rc != 0, node0.tail()
-    assert 0.8 * DIST_TIMEOUT < elapsed < FAIL_WITHIN  # ended by the timeout, not by something else
-    assert "timed out" in node0.text().lower(), node0.tail()  # gloo: "Timed out waiting 30000ms for recv"
-    print(f"node 0 exited {rc} {elapsed:.1f} s after node 1 hung (timeout {DIST_TIMEOUT} s)")
