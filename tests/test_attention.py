@@ -155,3 +155,28 @@ def test_flash_matches_sdpa_on_gpu() -> None:
     flash = varlen_attention(q, k, v, cu, max_len, backend="flash")
     sdpa = varlen_attention(q, k, v, cu, max_len, backend="sdpa")
     torch.testing.assert_close(flash.float(), sdpa.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("lengths", [[7, 7, 7, 7], [5, 9, 5, 3, 9, 9, 1], [4]])
+def test_grouping_cells_by_length_is_exact(lengths):
+    """Cells of equal length share one SDPA call: outputs and gradients equal the per-cell path."""
+    from pretrain.attention import _sdpa_by_length
+
+    torch.manual_seed(0)
+    T, H, D = sum(lengths), 2, 8
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
+    q, k, v = (torch.randn(T, H, D, requires_grad=True) for _ in range(3))
+    ref = torch.cat(
+        [
+            torch.nn.functional.scaled_dot_product_attention(*(x[a:b].transpose(0, 1).unsqueeze(0) for x in (q, k, v)))
+            .squeeze(0)
+            .transpose(0, 1)
+            for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())
+        ]
+    )
+    got = _sdpa_by_length(q, k, v, cu, lengths, 0.0)
+    torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-6)
+    g1 = torch.autograd.grad(got.sum(), (q, k, v))
+    g2 = torch.autograd.grad(ref.sum(), (q, k, v))
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
