@@ -1,0 +1,181 @@
+"""Annotation-quality benchmark: L1 logistic regression vs Celler (scratch/pretrained, CE/GInf/mining).
+
+Tasks (real data in ../shared/data):
+  baron : Baron human pancreas, train donors human1-3, test human4
+  pbmc  : Symphony PBMC, train 3pv1+3pv2, test 5p
+  xin   : Baron (all donors) -> Xin (log-expression); only classes shared by both, names mapped
+          by lower-casing + the alias table XIN_ALIAS below.
+Methods:
+  a  L1 logistic regression (sklearn saga, C=1) on log1p(counts normalised to 1e4) of shared genes
+  b  Celler "from scratch": pretraining run with train.steps=1 (random init) + CE, no mining
+  c  pretrained + CE, no mining      d  pretrained + GInf, no mining
+  e  pretrained + GInf + hard mining (finetune.mining_rounds=2)
+Metrics come from `hiceller evaluate --json` on the test .h5ad (same classification_report as
+finetune/metrics.py: rare = < 1 % of the training cells).
+
+  python bench/annotate_quality.py --pretrained P --random R --tasks baron --methods a b c d e --seeds 0 1 2
+  python bench/annotate_quality.py --quick   # baron, seed 0, 1 epoch; ends with one JSON line
+
+P and R: see bench/RESULTS.md "## Annotation quality" for the commands that made them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+XIN_ALIAS = {"alpha": "alpha", "beta": "beta", "gamma": "gamma", "pp": "gamma", "delta": "delta"}  # Xin name (lower) -> Baron name
+
+
+def _load(name):
+    import anndata as ad
+
+    return ad.read_h5ad(DATA / name)
+
+
+def make_task(task: str, work: Path) -> tuple[Path, Path, list[str] | None]:
+    """Writes train/test .h5ad files; returns (train, test, holdout donors for finetune)."""
+    work.mkdir(parents=True, exist_ok=True)
+    tr, te = work / f"{task}_train.h5ad", work / f"{task}_test.h5ad"
+    if tr.exists() and te.exists():
+        return tr, te, None
+    if task == "baron":
+        a = _load("baron_human_pancreas_came_counts.h5ad")
+        train, test = a[a.obs.batch != "human4"].copy(), a[a.obs.batch == "human4"].copy()
+    elif task == "pbmc":
+        a = _load("pbmc_symphony_3batch_counts.h5ad")
+        train, test = a[a.obs.batch != "5p"].copy(), a[a.obs.batch == "5p"].copy()
+    elif task == "xin":
+        b, x = _load("baron_human_pancreas_came_counts.h5ad"), _load("xin_pancreas_scclassify_logexpr.h5ad")
+        x.obs["cell_type"] = [XIN_ALIAS.get(str(c).lower(), str(c).lower()) for c in x.obs.cell_type]
+        b.obs["cell_type"] = b.obs.cell_type.astype(str).str.lower()
+        shared = sorted(set(b.obs.cell_type) & set(x.obs.cell_type))
+        train, test = b.copy(), x[x.obs.cell_type.isin(shared)].copy()
+    else:
+        raise SystemExit(f"unknown task {task}")
+    for d in (train, test):
+        d.obs["cell_type"] = d.obs.cell_type.astype(str).astype("category")
+        d.obs["batch"] = d.obs.batch.astype(str).astype("category")
+    train.write_h5ad(tr)
+    test.write_h5ad(te)
+    return tr, te, None
+
+
+def _lognorm(X, is_log: bool):
+    import scipy.sparse as sp
+
+    X = sp.csr_matrix(X, dtype=np.float64)
+    if is_log:
+        return X
+    s = np.asarray(X.sum(1)).ravel()
+    s[s == 0] = 1
+    X = sp.diags(1e4 / s) @ X
+    X.data = np.log1p(X.data)
+    return X
+
+
+def run_logreg(train: Path, test: Path, seed: int) -> dict:
+    import anndata as ad
+    from sklearn.linear_model import LogisticRegression
+
+    from finetune.metrics import classification_report
+
+    a, b = ad.read_h5ad(train), ad.read_h5ad(test)
+    ga = {g.upper(): i for i, g in enumerate(a.var_names)}
+    gb = {g.upper(): i for i, g in enumerate(b.var_names)}
+    genes = sorted(set(ga) & set(gb))
+    Xa = _lognorm(a.X, False)[:, [ga[g] for g in genes]]
+    Xb = _lognorm(b.X, "logexpr" in test.name or "xin" in test.name)[:, [gb[g] for g in genes]]
+    # scale per gene by training max so saga converges; same transform on test
+    mx = np.asarray(Xa.max(0).todense()).ravel()
+    mx[mx == 0] = 1
+    import scipy.sparse as sp
+
+    Xa, Xb = Xa @ sp.diags(1 / mx), Xb @ sp.diags(1 / mx)
+    names = sorted(set(a.obs.cell_type.astype(str)))
+    idx = {n: i for i, n in enumerate(names)}
+    ya = np.array([idx[c] for c in a.obs.cell_type.astype(str)])
+    yb = np.array([idx.get(c, -1) for c in b.obs.cell_type.astype(str)])
+    clf = LogisticRegression(penalty="l1", solver="saga", C=1.0, max_iter=300, random_state=seed)
+    clf.fit(Xa, ya)
+    k = yb >= 0
+    proba = np.zeros((len(yb), len(names)))
+    proba[:, clf.classes_] = clf.predict_proba(Xb)
+    counts = np.bincount(ya, minlength=len(names))
+    r = classification_report(yb[k], proba[k].argmax(1), proba[k], names, counts)
+    return {"accuracy": r["accuracy"], "macro_f1": r["macro_f1"], "rare_class_f1": r["rare_class_f1"], "genes": len(genes)}
+
+
+METHODS = {
+    "b": ("random", ["finetune.loss=ce", "finetune.mining_rounds=0"]),
+    "c": ("pretrained", ["finetune.loss=ce", "finetune.mining_rounds=0"]),
+    "d": ("pretrained", ["finetune.loss=ginf", "finetune.mining_rounds=0"]),
+    "e": ("pretrained", ["finetune.loss=ginf", "finetune.mining_rounds=2"]),
+}
+
+
+def run_celler(method, train, test, seed, pre, rnd, epochs, out: Path) -> dict:
+    which, sets = METHODS[method]
+    o = out / f"{train.stem}_{method}_s{seed}"
+    if not (o / "model").exists():
+        cmd = ["hiceller", "finetune", "--h5ad", str(train), "--pretrained", str(pre if which == "pretrained" else rnd),
+               "--out", str(o), "--no-progress", "--set", f"train.seed={seed}", "--set", f"finetune.epochs={epochs}",
+               "--set", f"finetune.mining_epochs={max(1, epochs // 2)}"]
+        for s in sets:
+            cmd += ["--set", s]
+        print("$", " ".join(cmd), file=sys.stderr, flush=True)
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    cmd = ["hiceller", "evaluate", "--model", str(o), "--input", str(test), "--json", "--out", str(o / "eval")]
+    print("$", " ".join(cmd), file=sys.stderr, flush=True)
+    res = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    r = json.loads(res.stdout.strip().splitlines()[-1])
+    summ = json.loads((o / "summary.json").read_text())
+    return {"accuracy": r["accuracy"], "macro_f1": r["macro_f1"], "rare_class_f1": r["rare_class_f1"], "best_round": summ["round"]}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--pretrained", type=Path, default=Path("bench/out/aq/P"))
+    p.add_argument("--random", type=Path, default=Path("bench/out/aq/R"))
+    p.add_argument("--work", type=Path, default=Path("bench/out/aq/runs"))
+    p.add_argument("--tasks", nargs="+", default=["baron", "pbmc", "xin"])
+    p.add_argument("--methods", nargs="+", default=list("abcde"))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="baron, seed 0, 1 epoch, methods a and e")
+    a = p.parse_args()
+    if a.quick:
+        a.tasks, a.seeds, a.epochs, a.methods = ["baron"], [0], 1, ["a", "e"]
+    rows = []
+    for t in a.tasks:
+        tr, te, _ = make_task(t, a.work)
+        for m in a.methods:
+            for s in a.seeds:
+                t0 = time.time()
+                r = run_logreg(tr, te, s) if m == "a" else run_celler(m, tr, te, s, a.pretrained, a.random, a.epochs, a.work)
+                r.update(task=t, method=m, seed=s, seconds=round(time.time() - t0, 1))
+                rows.append(r)
+                print(json.dumps(r), file=sys.stderr, flush=True)
+    agg = {}
+    for t in a.tasks:
+        for m in a.methods:
+            sel = [r for r in rows if r["task"] == t and r["method"] == m]
+            d = {}
+            for k in ("accuracy", "macro_f1", "rare_class_f1"):
+                v = [r[k] for r in sel if r[k] is not None]
+                d[k] = [round(float(np.mean(v)), 4), round(float(np.std(v)), 4)] if v else None
+            d["n_seeds"] = len(sel)
+            agg[f"{t}/{m}"] = d
+    print(json.dumps({"bench": "annotate_quality", "epochs": a.epochs, "results": agg}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
