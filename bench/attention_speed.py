@@ -122,7 +122,10 @@ def main() -> None:
     parser.add_argument("--buckets", type=int, default=4)
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--nested", action="store_true", help="also time nested jagged SDPA (slow on CPU)")
+    parser.add_argument("--quick", action="store_true", help="d_model 64 only, 2 repetitions")
     args = parser.parse_args()
+    if args.quick:
+        args.d_models, args.reps = "64", 2
     if args.threads:
         torch.set_num_threads(args.threads)
 

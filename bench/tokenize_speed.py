@@ -135,7 +135,10 @@ def main() -> None:
     parser.add_argument("--mean-nnz", type=int, default=1000)
     parser.add_argument("--max-genes", type=int, default=1200)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="1024 cells, 3 repeats (a few seconds)")
     args = parser.parse_args()
+    if args.quick:
+        args.cells, args.repeats = 1024, 3
 
     block = make_block(args.cells, args.genes, args.mean_nnz, seed=0)
     tk = Tokenizer(n_bins=51, max_genes=args.max_genes, seed=0)
