@@ -228,6 +228,7 @@ def _phases(ctx: _Context, split, fresh_task, parent) -> dict[str, Any]:
     train_idx = split.train_idx
     miner = HardMiner(HardMiningRule.from_config(fcfg))
     rng = np.random.default_rng(cfg.train.seed)
+    hard = scores = None  # the mining selection that round rnd > 0 trains on
     for rnd in range(0, fcfg.mining_rounds + 1):
         name = "phase1" if rnd == 0 else f"round{rnd}"
         run_dir = ctx.out / name
@@ -257,7 +258,7 @@ def _phases(ctx: _Context, split, fresh_task, parent) -> dict[str, Any]:
         if dist.is_main:
             _log_eval(child, val, run_dir, "val")
             child.log_metrics({f"val_{k}": v for k, v in _scalars(val["report"]).items()}, step=rnd)
-        if rnd > 0 and dist.is_main:
+        if hard is not None and dist.is_main:
             child.log_metrics({"hard_set_size": float(len(hard.hard_idx)), "replay_size": float(len(hard.replay_idx))}, step=rnd)
             child.log_params({"hard_composition": json.dumps(hard.composition)[:5000]})
             frame = hard.to_frame(ctx.labels[split.train_idx], scores, joinids=ctx.joinids[split.train_idx])
@@ -377,13 +378,9 @@ def _write_bundle(ctx: _Context, state, summary: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hiceller.cli import run_handler
+    from hiceller.cli import module_main
 
-    p = argparse.ArgumentParser(prog="python -m finetune", description="Fine-tune Celler on a tissue (one process per rank).")
-    add_finetune_args(p)
-    p.set_defaults(func=run_finetune, command="finetune")
-    return run_handler(p.parse_args(argv))
-
+    return module_main("finetune", "Fine-tune Celler on a tissue (one process per rank).", add_finetune_args, run_finetune, argv)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -14,7 +14,7 @@ import sys
 
 from hiceller.errors import HicellerError
 
-__all__ = ["main", "build_parser", "run_handler"]
+__all__ = ["main", "build_parser", "run_handler", "module_main"]
 
 # Packages whose cli.register() adds subcommands, in --help order. A package whose cli module
 # does not exist yet is skipped, so the CLI grows with the project.
@@ -55,6 +55,15 @@ def run_handler(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"hiceller {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def module_main(command: str, description: str, add_args, func, argv: list[str] | None = None) -> int:
+    """`python -m <package>`: one subcommand's arguments and handler without the `hiceller` prefix,
+    which is how the deepspeed launcher starts every rank (`--module pretrain`)."""
+    p = argparse.ArgumentParser(prog=f"python -m {command}", description=description)
+    add_args(p)
+    p.set_defaults(func=func, command=command)
+    return run_handler(p.parse_args(argv))
 
 
 def main(argv: list[str] | None = None) -> int:

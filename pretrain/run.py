@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -165,13 +164,9 @@ def _finish(out: Path, tracker, status: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hiceller.cli import run_handler
+    from hiceller.cli import module_main
 
-    p = argparse.ArgumentParser(prog="python -m pretrain", description="Pretrain Celler (one process per rank).")
-    add_pretrain_args(p)
-    p.set_defaults(func=run_pretrain, command="pretrain")
-    return run_handler(p.parse_args(argv))
-
+    return module_main("pretrain", "Pretrain Celler (one process per rank).", add_pretrain_args, run_pretrain, argv)
 
 if __name__ == "__main__":
     sys.exit(main())
