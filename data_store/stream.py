@@ -117,7 +117,6 @@ class CellStream(IterableDataset):
         layout: str = "packed",
         rank: int | None = None,
         world_size: int | None = None,
-        max_gene_id: int | None = None,
         gene_map: np.ndarray | None = None,
     ):
         super().__init__()
@@ -140,11 +139,9 @@ class CellStream(IterableDataset):
         self.buffer_blocks = buffer_blocks
         self.remainder = remainder
         self.layout = layout
-        # A model knows the genes of the vocabulary it was built with; genes the store gained
-        # later (ids >= max_gene_id) are left out of its tokens.
-        self.max_gene_id = max_gene_id
-        # A model trained on another vocabulary (fine-tuning on a new store) sees store gene g as
-        # gene_map[g]; -1 drops it.
+        # A model knows the genes of the vocabulary it was built with: it sees store gene g as
+        # gene_map[g], and -1 drops the gene (a store that gained genes after pretraining, or a
+        # fine-tuning store with another vocabulary).
         self.gene_map = None if gene_map is None else np.asarray(gene_map, dtype=np.int64)
         env_rank, env_world = distributed_rank_world()
         self.rank = env_rank if rank is None else rank
@@ -334,9 +331,10 @@ class CellStream(IterableDataset):
             d0, genes, vals = pending.result()
             if lo + step < len(jids):
                 pending = reader.submit(jids[lo + step : lo + 2 * step])
-            if self.max_gene_id is not None:
-                keep = genes < self.max_gene_id
-                d0, genes, vals = d0[keep], genes[keep], vals[keep]
+            if self.gene_map is not None:
+                mapped = self.gene_map[np.minimum(genes, len(self.gene_map) - 1)]
+                keep = (genes < len(self.gene_map)) & (mapped >= 0)
+                d0, genes, vals = d0[keep], mapped[keep], vals[keep]
             rows, by_cell = _cell_rows(d0, chunk)
             # Pieces of _TOKENIZE_CELLS when entries come grouped by cell (TileDB returns them so):
             # the tokenizer's sort ran ~1.7x faster per cell on 256 cells (keys stay in cache)

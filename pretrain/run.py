@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from hiceller.config import RunConfig, load_config
 from hiceller.errors import HicellerError
 
@@ -94,7 +96,10 @@ def run_pretrain(args: argparse.Namespace) -> int:
 
         apply_activation_checkpointing(model)
     task = PretrainTask(model, cfg.train.mask_ratios)
-    streams = build_streams(cfg, args.store, dist.rank, dist.world_size, max_gene_id=len(vocab))
+    # Store genes the model does not know (added to the store after its vocabulary) are dropped.
+    n_store = len(store.vocabulary())
+    gene_map = np.where(np.arange(n_store) < len(vocab), np.arange(n_store), -1)
+    streams = build_streams(cfg, args.store, dist.rank, dist.world_size, gene_map=gene_map)
     tracker = Tracker(out, enabled=dist.is_main, tracking_uri=args.tracking_uri, run_name=f"pretrain-{out.name}")
     if dist.is_main:
         from pretrain.flops import model_flops_per_token

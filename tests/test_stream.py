@@ -261,3 +261,18 @@ def test_s3_store_streams_same_cells(store_uri, tmp_path, monkeypatch):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_gene_map_translates_store_genes_to_the_model_vocabulary(store_uri):
+    """A model with another vocabulary sees store gene g as gene_map[g]; -1 drops the gene."""
+    gene_map = np.full(N_GENES, -1, dtype=np.int64)
+    gene_map[::2] = np.arange(0, N_GENES, 2)[::-1]  # even genes kept, in reversed ids
+    plain = list(make(store_uri, world_size=1, rank=0))
+    mapped = list(make(store_uri, world_size=1, rank=0, gene_map=gene_map))
+    for p, m in zip(plain, mapped):
+        assert p.joinids.tolist() == m.joinids.tolist()
+        cu = m.cu_seqlens.numpy()
+        for i, j in enumerate(m.joinids.tolist()):
+            got = sorted(m.gene_ids[cu[i] + 1 : cu[i + 1]].numpy() - N_SPECIAL)
+            want = sorted(gene_map[g] for g in cell_genes(j) if gene_map[g] >= 0)
+            assert got == want
