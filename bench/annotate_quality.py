@@ -121,14 +121,14 @@ METHODS = {
 }
 
 
-def run_celler(method, train, test, seed, pre, rnd, epochs, out: Path) -> dict:
+def run_celler(method, train, test, seed, pre, rnd, epochs, out: Path, max_genes: int | None = None) -> dict:
     which, sets = METHODS[method]
     o = out / f"{train.stem}_{method}_s{seed}"
     if not (o / "model").exists():
         cmd = ["hiceller", "finetune", "--h5ad", str(train), "--pretrained", str(pre if which == "pretrained" else rnd),
                "--out", str(o), "--no-progress", "--set", f"train.seed={seed}", "--set", f"finetune.epochs={epochs}",
                "--set", f"finetune.mining_epochs={max(1, epochs // 2)}"]
-        for s in sets:
+        for s in sets + ([f"data.max_genes={max_genes}"] if max_genes else []):
             cmd += ["--set", s]
         print("$", " ".join(cmd), file=sys.stderr, flush=True)
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
@@ -149,6 +149,7 @@ def main() -> int:
     p.add_argument("--methods", nargs="+", default=list("abcde"))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--max-genes", type=int, default=512, help="genes per cell when fine-tuning and annotating (0: the pretrained value)")
     p.add_argument("--quick", action="store_true", help="baron, seed 0, 1 epoch, methods a and e")
     a = p.parse_args()
     if a.quick:
@@ -159,7 +160,7 @@ def main() -> int:
         for m in a.methods:
             for s in a.seeds:
                 t0 = time.time()
-                r = run_logreg(tr, te, s) if m == "a" else run_celler(m, tr, te, s, a.pretrained, a.random, a.epochs, a.work)
+                r = run_logreg(tr, te, s) if m == "a" else run_celler(m, tr, te, s, a.pretrained, a.random, a.epochs, a.work, a.max_genes or None)
                 r.update(task=t, method=m, seed=s, seconds=round(time.time() - t0, 1))
                 rows.append(r)
                 print(json.dumps(r), file=sys.stderr, flush=True)
@@ -173,7 +174,7 @@ def main() -> int:
                 d[k] = [round(float(np.mean(v)), 4), round(float(np.std(v)), 4)] if v else None
             d["n_seeds"] = len(sel)
             agg[f"{t}/{m}"] = d
-    print(json.dumps({"bench": "annotate_quality", "epochs": a.epochs, "results": agg}))
+    print(json.dumps({"bench": "annotate_quality", "epochs": a.epochs, "max_genes": a.max_genes, "results": agg}))
     return 0
 
 

@@ -83,6 +83,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     from finetune.weights import load_pretrained
 
     pre = load_pretrained(args.pretrained)
+    cfg = _follow_pretrained(cfg, pre, args.overrides)
     dist = setup_distributed()
     import torch
 
@@ -179,6 +180,28 @@ def run_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _follow_pretrained(cfg: RunConfig, pre: Any, overrides: list[str]) -> RunConfig:
+    """The run's config with the pretrained model's architecture and value bins.
+
+    The encoder's shape and its value encoder's bins are fixed by the weights, so ``model.*`` and
+    ``data.n_bins`` come from the pretrained model; an override asking for something else is an
+    error, not silently ignored. ``data.max_genes`` may differ (genes carry no positions, so the
+    encoder takes cells of any length): the pretrained value is the default, ``--set
+    data.max_genes=N`` fine-tunes (and the bundle annotates) with up to N genes per cell.
+    """
+    given = {o.split("=", 1)[0].strip() for o in overrides}
+    for key in sorted(given):
+        section, _, name = key.partition(".")
+        if section == "model" and getattr(cfg.model, name) != getattr(pre.model_cfg, name):
+            raise InputError(f"--set {key}: the architecture comes from the pretrained model ({name} = {getattr(pre.model_cfg, name)!r})")
+        if key == "data.n_bins" and cfg.data.n_bins != pre.n_bins:
+            raise InputError(f"--set data.n_bins={cfg.data.n_bins}: the pretrained model was trained with {pre.n_bins} bins")
+    max_genes = cfg.data.max_genes if "data.max_genes" in given else pre.max_genes
+    return dataclasses.replace(
+        cfg, model=pre.model_cfg, data=dataclasses.replace(cfg.data, n_bins=pre.n_bins, max_genes=max_genes)
+    )
+
+
 @dataclasses.dataclass
 class _Context:
     cfg: RunConfig
@@ -200,7 +223,7 @@ class _Context:
         return CellStream(
             self.store_uri,
             batch_cells=self.cfg.train.micro_batch_cells,
-            tokenizer=Tokenizer(n_bins=self.pre.n_bins, max_genes=self.pre.max_genes, seed=self.cfg.train.seed),
+            tokenizer=Tokenizer(n_bins=self.cfg.data.n_bins, max_genes=self.cfg.data.max_genes, seed=self.cfg.train.seed),
             shuffle=shuffle,
             seed=self.cfg.train.seed if shuffle else None,
             joinids=self.joinids[idx],
@@ -367,8 +390,8 @@ def _write_bundle(ctx: _Context, state, summary: dict[str, Any]) -> None:
         ctx.out / "model",
         {k: v for k, v in state.items() if not k.startswith("ginf.")},
         ctx.pre.model_cfg,
-        ctx.pre.n_bins,
-        ctx.pre.max_genes,
+        ctx.cfg.data.n_bins,
+        ctx.cfg.data.max_genes,
         ctx.pre.vocab,
         ctx.names,
         ctx.counts.tolist(),

@@ -156,6 +156,7 @@ CASES: list[Case] = [
     C("finetune-unknown-tissue", ("finetune", "--store", "{store}", "--pretrained", "{pre}", "--tissue", "atlantis", "--out", "run", "--no-progress"), "tissue 'atlantis' is not in store", ("run",)),
     C("finetune-pretrained-missing", ("finetune", "--store", "{store}", "--pretrained", "nope", "--tissue", "{tissue}", "--out", "run", "--no-progress"), "--pretrained nope does not exist", ("run",)),
     C("finetune-bad-label-column", ("finetune", "--store", "{store}", "--pretrained", "{pre}", "--tissue", "{tissue}", "--label-column", "celltype", "--out", "run", "--no-progress"), "no label column 'celltype'", ("run",)),
+    C("finetune-architecture-override", ("finetune", "--store", "{store}", "--pretrained", "{pre}", "--tissue", "{tissue}", "--out", "run", "--set", "model.d_model=128", "--no-progress"), "architecture comes from the pretrained model", ("run",)),
     C("finetune-zero-epochs", ("finetune", "--store", "{store}", "--pretrained", "{pre}", "--tissue", "{tissue}", "--out", "run", "--set", "finetune.epochs=0", "--no-progress"), "finetune.epochs: must be >= 1", ("run",)),
     # launch
     C("launch-node-rank-too-big", ("launch", "--store", "{store}", "--out", "run", "--hostfile", "{in}/hosts2", "--nodes", "2", "--no-ssh", "--node-rank", "2", "--master-addr", "node0"), "--node-rank 2 is outside 0..1", ("run",)),

@@ -231,3 +231,23 @@ def test_export_zero1_and_zero3_identical(world, tmp_path):
     assert a.labels == b.labels
     for k in a.state_dict:
         np.testing.assert_allclose(a.state_dict[k].numpy(), b.state_dict[k].numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_finetune_config_follows_pretrained_weights():
+    """Architecture and bins come from the weights; max_genes may be raised; conflicts are refused."""
+    from finetune.run import _follow_pretrained
+    from finetune.weights import TrainedWeights
+    from hiceller.config import load_config
+    from hiceller.errors import InputError
+
+    pre = TrainedWeights({}, load_config("debug").model, n_bins=31, max_genes=256, vocab=["A"], source=Path("p"))
+    cfg = _follow_pretrained(load_config("base"), pre, [])
+    assert cfg.model == pre.model_cfg and (cfg.data.n_bins, cfg.data.max_genes) == (31, 256)
+    cfg = _follow_pretrained(load_config("debug", ["data.max_genes=1024"]), pre, ["data.max_genes=1024"])
+    assert cfg.data.max_genes == 1024 and cfg.data.n_bins == 31
+    with pytest.raises(InputError, match="architecture comes from the pretrained model"):
+        _follow_pretrained(load_config("debug", ["model.n_layers=4"]), pre, ["model.n_layers=4"])
+    with pytest.raises(InputError, match="trained with 31 bins"):
+        _follow_pretrained(load_config("debug", ["data.n_bins=51"]), pre, ["data.n_bins=51"])
+    # an override equal to the pretrained value is harmless
+    assert _follow_pretrained(load_config("debug", ["model.d_model=64"]), pre, ["model.d_model=64"]).model == pre.model_cfg
