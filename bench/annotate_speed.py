@@ -22,7 +22,9 @@ What it does (everything under ``--out``, default ``bench/out/annotate``; nothin
    ``celltypist.annotate`` on ``--ct-cells`` query cells (log1p-normalised beforehand; the
    normalisation time is reported separately), side by side with the packed path on the same cells.
 
-Usage: ``python bench/annotate_speed.py [--quick] [--cells 100000] [--base-cells 16] [--reps 3]``.
+Usage: ``python bench/annotate_speed.py [--quick] [--cells 100000] [--base-cells 16] [--reps 3]``;
+``--real [DATA_DIR]``: instead, packed vs padded on the real counts files of ../shared/data, each alone
+and all stacked and shuffled (``mixed``), with randomly initialised debug bundles at max_genes 256 and 1200.
 ``--quick``: 5k cells, debug size only. Ends with one JSON line.
 """
 
@@ -148,7 +150,7 @@ def lognorm(a) -> None:
     sc.pp.log1p(a)
 
 
-def build_bundle(path: Path, preset: str, vocab: list[str], classes: list[str], counts: list[int]) -> Path:
+def build_bundle(path: Path, preset: str, vocab: list[str], classes: list[str], counts: list[int], max_genes: int | None = None) -> Path:
     if (path / "checksums.sha256").exists():
         return path
     import torch
@@ -163,10 +165,59 @@ def build_bundle(path: Path, preset: str, vocab: list[str], classes: list[str], 
     model = CellerModel(cfg.model, n_genes=len(vocab), n_bins=cfg.data.n_bins)
     task = ClassifierTask(model, len(classes), "ce", np.ones(len(classes)))
     write_bundle(
-        path, task.state_dict(), cfg.model, cfg.data.n_bins, cfg.data.max_genes, vocab, classes, counts,
+        path, task.state_dict(), cfg.model, cfg.data.n_bins, max_genes or cfg.data.max_genes, vocab, classes, counts,
         metrics={"note": "randomly initialised, for speed benchmarks only"}, overwrite=True,
     )
     return path
+
+
+def build_real_queries(out: Path, data: Path, seed: int = 0) -> tuple[dict[str, Path], list[str]]:
+    """Real query files from ``data`` (../shared/data): each counts file as it is, plus ``mixed``,
+    all of them stacked (outer join on upper-cased symbols) and shuffled, as an atlas-style query
+    whose cells come from several technologies. Returns ({name: path}, vocabulary)."""
+    import anndata as ad
+    import pandas as pd
+
+    files = sorted(p for p in data.glob("*_counts*.h5ad"))
+    if not files:
+        raise SystemExit(f"--real: no *_counts*.h5ad in {data}")
+    out.mkdir(parents=True, exist_ok=True)
+    paths, parts = {}, []
+    for f in files:
+        name = f.name.split("_counts")[0]
+        a = ad.read_h5ad(f)
+        a.var_names = a.var_names.astype(str).str.upper()
+        a = a[:, ~a.var_names.duplicated()].copy()
+        a.obs = pd.DataFrame({"cell_type": pd.Categorical([str(c) for c in a.obs["cell_type"]])}, index=[f"{name}:{i}" for i in a.obs_names])
+        paths[name] = out / f"real_{name}.h5ad"
+        if not paths[name].exists():
+            a.write_h5ad(paths[name])
+        parts.append(a)
+    mixed = ad.concat(parts, join="outer")
+    mixed = mixed[np.random.default_rng(seed).permutation(mixed.n_obs)].copy()
+    paths["mixed"] = out / "real_mixed.h5ad"
+    if not paths["mixed"].exists():
+        mixed.write_h5ad(paths["mixed"])
+    return paths, sorted(mixed.var_names.astype(str))
+
+
+def real_bench(args, log) -> dict:
+    """Packed vs padded, debug architecture, on real cells (lengths vary) at max_genes 256 and 1200."""
+    import anndata as ad
+
+    paths, vocab = build_real_queries(args.out / "real", Path(args.real))
+    res: dict = {}
+    for max_genes in (256, 1200):
+        bundle = build_bundle(args.out / f"bundle_real_debug_g{max_genes}", "debug", vocab, [f"class{i}" for i in range(20)],
+                              [1] * 20, max_genes=max_genes)
+        for name, path in paths.items():
+            n = min(args.speed_cells, ad.read_h5ad(path, backed="r").n_obs)
+            r = side_by_side(bundle, path, n, args.batch_size, args.reps, args.check)
+            res[f"{name}@{max_genes}"] = r
+            log(f"real {name} max_genes {max_genes}: {n} cells, packed {r['packed_cells_s']:.0f} cells/s, padded "
+                f"{r['padded_cells_s']:.0f}, ratio {r['ratio']:.2f}x, padded/real tokens {r['pad_overhead']:.2f}, "
+                f"argmax agree {r['check_argmax_agree']:.3f}")
+    return res
 
 
 # ------------------------------------------------------------------------------------- padded path
@@ -211,7 +262,7 @@ def run_preds(ann, adata, batch_size: int) -> tuple[float, np.ndarray, np.ndarra
     ann._predict = counting
     try:
         t0 = time.perf_counter()
-        probs = [p for _, p, _ in ann.iter_predictions(adata, batch_size=batch_size)]
+        probs = [p for _, p, _ in ann.iter_predictions(adata, batch_size=batch_size, min_overlap=0.0)]
         dt = time.perf_counter() - t0
     finally:
         del ann._predict
@@ -347,6 +398,8 @@ def main() -> None:
     ap.add_argument("--check", type=int, default=256, help="cells whose predictions are compared packed vs padded")
     ap.add_argument("--no-base", action="store_true")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/out/annotate")
+    ap.add_argument("--real", metavar="DATA_DIR", nargs="?", const=str(ROOT.parent / "shared" / "data"),
+                    help="only packed vs padded on the real *_counts*.h5ad files of DATA_DIR (default ../shared/data)")
     ap.add_argument("--child", nargs=2, metavar=("BUNDLE", "H5AD"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -357,6 +410,13 @@ def main() -> None:
     _threads(2)
     args.out.mkdir(parents=True, exist_ok=True)
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
+    if args.real:
+        res = real_bench(args, log)
+        (args.out / "results_real.json").write_text(json.dumps(res, indent=1, default=float))
+        print(json.dumps({k: {"packed_cells_s": round(v["packed_cells_s"], 1), "packed_over_padded": round(v["ratio"], 3),
+                              "padded_over_real_tokens": round(v["pad_overhead"], 3), "argmax_agree": v["check_argmax_agree"]}
+                          for k, v in res.items()}))
+        return
 
     query = build_query(args.out / f"query_{args.cells}.h5ad", args.cells, args.genes)
     small = head_h5ad(query, args.out / f"query_{args.cells}_head{args.rss_small}.h5ad", args.rss_small)

@@ -49,6 +49,14 @@ __all__ = ["main"]
 
 
 # ----------------------------------------------------------------------------- worker (one layout)
+def _peak_rss_mib() -> float:
+    """This process's own peak RSS (VmHWM). ``ru_maxrss`` would keep the forking parent's peak across exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _padded_loss(model, gene_ids, values, padding_mask, mask):
     """``pretraining_loss`` on the padded layout: same heads, masked (non-pad) tokens only."""
     import torch.nn.functional as F
@@ -120,7 +128,7 @@ def worker(args: argparse.Namespace) -> dict:
         steps.append((b.n_tokens, b.n_cells, int(b.max_seqlen) * b.n_cells, inputs))
     del batches
 
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_before = _peak_rss_mib()
     times = []
     for i, (_, _, _, inputs) in enumerate(steps):
         t0 = time.perf_counter()
@@ -149,8 +157,8 @@ def worker(args: argparse.Namespace) -> dict:
         "padded_slots": slots,
         "tokens_per_s": tokens / wall,
         "cells_per_s": cells / wall,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "rss_before_steps_mib": rss_before / 1024,
+        "peak_rss_mib": _peak_rss_mib(),
+        "rss_before_steps_mib": rss_before,
         "lengths": lengths,
     }
 

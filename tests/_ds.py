@@ -58,3 +58,67 @@ def complete_steps(out: Path) -> list[int]:
     if not root.is_dir():
         return []
     return sorted(int(p.name[5:]) for p in root.glob("step_*") if (p / "COMPLETE").is_file())
+
+
+def hc(*args: str | Path, cwd: Path | None = None, check: bool = True, timeout: int = 600, dist_timeout: int = 60):
+    """``hiceller ARGS`` with the CPU DeepSpeed environment; output captured, shm buffers removed after."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "hiceller"), *map(str, args)],
+        env=ds_env(dist_timeout), cwd=cwd, capture_output=True, text=True, timeout=timeout,
+    )
+    cleanup_shm()
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+class GroupProc:
+    """A command in its own process group, stdout and stderr to a log file; ``kill`` takes the group."""
+
+    def __init__(self, cmd: list[str], log: Path, port: int | None, env: dict[str, str], timeout: float):
+        import subprocess
+
+        self.log, self.port, self.timeout = log, port, timeout
+        with open(log, "w") as f:
+            self.proc = subprocess.Popen(cmd, env=env, cwd=str(log.parent), stdout=f, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def tail(self, n: int = 4000) -> str:
+        return f"--- {self.log} ---\n" + self.text()[-n:]
+
+    def wait(self, timeout: float | None = None) -> int:
+        import subprocess
+
+        import pytest
+
+        timeout = self.timeout if timeout is None else timeout
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"{self.log.name}: did not end within {timeout:.0f} s\n{self.tail()}")
+
+    def signal_group(self, sig: int) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def kill(self) -> None:
+        """SIGKILL whatever is left of the process group (the launcher and every rank)."""
+        import signal
+        import subprocess
+
+        self.signal_group(signal.SIGKILL)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        if self.port is not None:
+            cleanup_shm(self.port)

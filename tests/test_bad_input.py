@@ -10,7 +10,6 @@ with its bundle) are built once for the module.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -23,28 +22,15 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
+from _ds import hc as _hc
 from _fixtures import gene_names, make_h5ad, tree_snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HICELLER_DIST_TIMEOUT="60")
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".venv" / "torch_extensions"))
-    return env
-
-
 def hc(*args: str | Path, cwd: Path | None = None, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [str(BIN / "hiceller"), *map(str, args)], env=_env(), cwd=cwd, capture_output=True, text=True, timeout=timeout
-    )
-    for p in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"):
-        p.unlink(missing_ok=True)
-    if check:
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+    return _hc(*args, cwd=cwd, check=check, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

@@ -32,8 +32,7 @@ FAIL_WITHIN = 120  # a failing run must be gone this long after the fault
 CKPT = "checkpoints"
 
 
-from _ds import cleanup_shm as _cleanup_shm
-from _ds import complete_steps, losses, rows
+from _ds import GroupProc, complete_steps, losses, rows
 from _ds import free_port as _free_port
 
 
@@ -41,36 +40,20 @@ def _env() -> dict[str, str]:
     return ds_env(dist_timeout=30)
 
 
-class Launch:
+class Launch(GroupProc):
     """One ``deepspeed --num_gpus 2 --module pretrain`` run in its own process group, output to a log."""
 
     def __init__(self, store: str, out: Path, *sets: str, resume: bool = False, stop_after: int | None = None):
         self.out = out
-        self.port = _free_port()
-        self.log = out.parent / f"{out.name}-{time.monotonic_ns()}.log"
+        port = _free_port()
         args = ["--config", "debug", "--store", store, "--out", str(out), "--no-progress",
                 f"--set=train.steps={STEPS}", "--set=train.checkpoint_every=2", *[f"--set={s}" for s in sets]]
         if resume:
             args += ["--resume", "auto"]
         if stop_after:
             args += ["--stop-after-steps", str(stop_after)]
-        cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(self.port), "--module", "pretrain", *args]
-        with open(self.log, "w") as f:
-            self.proc = subprocess.Popen(cmd, env=_env(), cwd=str(out.parent), stdout=f, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def tail(self, n: int = 4000) -> str:
-        return f"--- {self.log} ---\n" + self.text()[-n:]
-
-    def wait(self, timeout: float = RUN_TIMEOUT) -> int:
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            pytest.fail(f"run did not end within {timeout:.0f} s\n{self.tail()}")
+        cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port), "--module", "pretrain", *args]
+        super().__init__(cmd, out.parent / f"{out.name}-{time.monotonic_ns()}.log", port, _env(), RUN_TIMEOUT)
 
     def rank_pid(self, rank: int) -> int:
         for p in psutil.Process(self.proc.pid).children(recursive=True):
@@ -81,21 +64,6 @@ class Launch:
             if "pretrain" in cmd and f"--local_rank={rank}" in cmd:
                 return p.pid
         raise AssertionError(f"rank {rank} process not found\n{self.tail()}")
-
-    def signal_group(self, sig: int) -> None:
-        try:
-            os.killpg(self.proc.pid, sig)
-        except ProcessLookupError:
-            pass
-
-    def kill(self) -> None:
-        """SIGKILL whatever is left of the process group (the launcher and every rank)."""
-        self.signal_group(signal.SIGKILL)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-        _cleanup_shm(self.port)
 
 
 @pytest.fixture()

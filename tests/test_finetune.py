@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 
 from _ds import ds_env as _env
+from _ds import hc
 from data_store.synth import SynthSpec, SyntheticCorpus
 from finetune.annotate import UNASSIGNED, Annotator
 from finetune.bundle import load_bundle, verify_bundle
@@ -25,15 +26,6 @@ from hiceller.errors import InputError
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SPEC = SynthSpec(n_cells=1500, n_genes=1000, n_tissues=6, seed=0)
-
-
-def hc(*args: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(BIN / "hiceller"), *args], env=_env(), capture_output=True, text=True, timeout=timeout)
-    for p in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"):
-        p.unlink(missing_ok=True)
-    if check:
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
 
 
 @pytest.fixture(scope="module")

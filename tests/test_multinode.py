@@ -12,8 +12,6 @@ every wait has a deadline.
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -32,8 +30,7 @@ DIST_TIMEOUT = 30
 LONG_STEPS = 40
 
 
-from _ds import cleanup_shm as _cleanup_shm
-from _ds import complete_steps, losses, rows
+from _ds import GroupProc, complete_steps, losses, rows
 from _ds import free_port as _free_port
 
 
@@ -41,49 +38,13 @@ def _env() -> dict[str, str]:
     return ds_env(dist_timeout=DIST_TIMEOUT)
 
 
-class Proc:
-    """A command in its own process group, stdout and stderr to a log file."""
-
-    def __init__(self, cmd: list[str], log: Path, port: int):
-        self.log = log
-        self.port = port
-        with open(log, "w") as f:
-            self.proc = subprocess.Popen(cmd, env=_env(), cwd=str(log.parent), stdout=f, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def tail(self, n: int = 4000) -> str:
-        return f"--- {self.log} ---\n" + self.text()[-n:]
-
-    def wait(self, timeout: float = RUN_TIMEOUT) -> int:
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            pytest.fail(f"{self.log.name}: did not end within {timeout:.0f} s\n{self.tail()}")
-
-    def kill(self) -> None:
-        """SIGKILL the whole process group: the launcher and every rank it started."""
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-        _cleanup_shm(self.port)
-
-
 @pytest.fixture()
 def procs():
     """``start(cmd, log, port)``; every process group started is killed at teardown."""
-    started: list[Proc] = []
+    started: list[GroupProc] = []
 
-    def start(cmd: list[str], log: Path, port: int) -> Proc:
-        p = Proc(cmd, log, port)
+    def start(cmd: list[str], log: Path, port: int) -> GroupProc:
+        p = GroupProc(cmd, log, port, _env(), RUN_TIMEOUT)
         started.append(p)
         return p
 
@@ -94,7 +55,7 @@ def procs():
             p.kill()
 
 
-def launch_nodes(start, store: str, out: Path, sets: list[str], resume: bool = False) -> tuple[Proc, Proc]:
+def launch_nodes(start, store: str, out: Path, sets: list[str], resume: bool = False) -> tuple[GroupProc, GroupProc]:
     """Node 1, then node 0, each ``hiceller launch --no-ssh`` with one CPU rank.
 
     Node 1 goes first and node 0 only once node 1's launcher has passed its checks: both "nodes"
@@ -129,7 +90,7 @@ def single_node(start, store: str, out: Path, sets: list[str]) -> list[dict]:
     return rows(out)
 
 
-def assert_two_node_run(node0: Proc, node1: Proc) -> None:
+def assert_two_node_run(node0: GroupProc, node1: GroupProc) -> None:
     """Both launchers ended well, and they really were two nodes of one world of 2 ranks."""
     for name, p in (("node 0", node0), ("node 1", node1)):
         assert p.wait() == 0, f"{name}\n{p.tail()}"
