@@ -16,7 +16,7 @@ finetune/metrics.py: rare = < 1 % of the training cells).
   python bench/annotate_quality.py --pretrained P --random R --tasks baron --methods a b c d e --seeds 0 1 2
   python bench/annotate_quality.py --quick   # baron, seed 0, 1 epoch; ends with one JSON line
 
-P and R: see bench/RESULTS.md "## Annotation quality" for the commands that made them.
+P and R (the pretrained and the random-init runs) are made on first use when missing (``prepare``).
 """
 
 from __future__ import annotations
@@ -140,6 +140,26 @@ def run_celler(method, train, test, seed, pre, rnd, epochs, out: Path, max_genes
     return {"accuracy": r["accuracy"], "macro_f1": r["macro_f1"], "rare_class_f1": r["rare_class_f1"], "best_round": summ["round"]}
 
 
+def prepare(pretrained: Path, random: Path, steps: int) -> None:
+    """The pretraining store and runs when they do not exist yet: a 5k-cell synthetic corpus plus every
+    file of ../shared/data (labels unused), the debug model pretrained ``steps`` steps on it (P), and a
+    1-step run as the random initialisation of method b (R). Same commands as in bench/RESULTS.md."""
+    if (pretrained / "checkpoints").is_dir() and (random / "checkpoints").is_dir():
+        return
+    bin_ = Path(sys.executable).with_name("hiceller")
+    store = pretrained.parent / "S"
+    run = lambda *a: subprocess.run([str(bin_), *map(str, a), "--no-progress"], check=True)  # noqa: E731
+    if not (store / "obs").exists():
+        run("synth", "--store", store, "--cells", 5000, "--genes", 2000, "--seed", 0)
+        run("ingest", "--store", store, *sorted(DATA.glob("*.h5ad")), "--skip-existing")
+    if not (pretrained / "checkpoints").is_dir():
+        run("pretrain", "--config", "debug", "--store", store, "--out", pretrained, "--set", f"train.steps={steps}",
+            "--set", "train.micro_batch_cells=32", "--set", "train.checkpoint_every=500", "--set", "train.warmup_steps=50")
+    if not (random / "checkpoints").is_dir():
+        run("pretrain", "--config", "debug", "--store", store, "--out", random, "--set", "train.steps=1",
+            "--set", "train.checkpoint_every=1")
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--pretrained", type=Path, default=Path("bench/out/aq/P"))
@@ -148,12 +168,15 @@ def main() -> int:
     p.add_argument("--tasks", nargs="+", default=["baron", "pbmc", "xin"])
     p.add_argument("--methods", nargs="+", default=list("abcde"))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--pretrain-steps", type=int, default=1500, help="steps of P when it has to be made")
     p.add_argument("--max-genes", type=int, default=512, help="genes per cell when fine-tuning and annotating (0: the pretrained value)")
     p.add_argument("--quick", action="store_true", help="baron, seed 0, 1 epoch, methods a and e")
     a = p.parse_args()
     if a.quick:
         a.tasks, a.seeds, a.epochs, a.methods = ["baron"], [0], 1, ["a", "e"]
+    if any(m != "a" for m in a.methods):
+        prepare(a.pretrained, a.random, a.pretrain_steps)
     rows = []
     for t in a.tasks:
         tr, te, _ = make_task(t, a.work)

@@ -1,8 +1,8 @@
 """Run every benchmark in bench/, one after another, and summarise them.
 
 Run: ``python bench/run_all.py`` (full mode, what ``make bench`` does), ``--quick`` to pass
-``--quick`` to the benchmarks that take it (the others run as they are), ``--only a,b`` to run a
-subset. Each benchmark's output is shown as it runs; its final JSON line is printed again after it
+``--quick`` to the benchmarks that take it (the others run as they are; the real-cell variants
+``train_real`` and ``annotate_speed_real`` are skipped), ``--only a,b`` to run a subset. Each benchmark's output is shown as it runs; its final JSON line is printed again after it
 ends, then a summary table and ONE JSON line (name -> exit code, seconds, final JSON). The exit code
 is 1 when any benchmark failed: a non-zero exit, or no JSON object on its last output line.
 """
@@ -21,11 +21,22 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 
 # Order: cheap to expensive is not the point; data first, then the model, then the annotator.
-ORDER = ("ingest", "loader", "train", "tokenize_speed", "attention_speed", "annotate_speed", "annotate_quality")
+ORDER = ("ingest", "loader", "train", "train_real", "tokenize_speed", "attention_speed", "annotate_speed",
+         "annotate_speed_real", "annotate_quality")
+# Variants: the same script with other arguments (real cells of ../shared/data instead of synthetic ones).
+VARIANTS = {
+    "train_real": ("train", ["--real", "--sizes", "debug,debug:data.max_genes=1200", "--reps", "3", "--debug-steps", "10"]),
+    "annotate_speed_real": ("annotate_speed", ["--real", "--speed-cells", "2000", "--reps", "3"]),
+}
+
+
+def script_of(name: str) -> tuple[Path, list[str]]:
+    base, extra = VARIANTS.get(name, (name, []))
+    return BENCH / f"{base}.py", list(extra)
 
 
 def available() -> list[str]:
-    return [name for name in ORDER if (BENCH / f"{name}.py").is_file()]
+    return [name for name in ORDER if script_of(name)[0].is_file()]
 
 
 def takes_quick(script: Path) -> bool:
@@ -47,9 +58,9 @@ def last_json(lines: list[str]) -> dict | None:
 
 
 def run_one(name: str, quick: bool) -> dict:
-    script = BENCH / f"{name}.py"
-    cmd = [sys.executable, str(script)]
-    if quick and takes_quick(script):
+    script, extra = script_of(name)
+    cmd = [sys.executable, str(script), *extra]
+    if quick and not extra and takes_quick(script):
         cmd.append("--quick")
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
@@ -94,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"run_all: error: no benchmark {', '.join(unknown)} in {BENCH} (found: {', '.join(names)})", file=sys.stderr)
             return 2
         names = [n for n in names if n in wanted]
+    elif args.quick:
+        names = [n for n in names if n not in VARIANTS]  # the real-cell variants have no quick mode
     missing = [n for n in ORDER if n not in available()]
     print(f"benchmarks ({'quick' if args.quick else 'full'} mode): {', '.join(names)}"
           + (f"; not present: {', '.join(missing)}" if missing else ""), flush=True)

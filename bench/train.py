@@ -176,9 +176,23 @@ def _run_worker(store: str, size: str, layout: str, steps: int, warmup: int, bat
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def ensure_store(store: str | None) -> str:
+REAL_STORE = ROOT / "bench" / "out" / "real_store"
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def ensure_store(store: str | None, real: bool = False) -> str:
+    """The store to read: ``--store``; with ``--real`` the files of ../shared/data ingested as they
+    are (real cells of several technologies, 98..4807 non-zero genes); else a synthetic one."""
     if store:
         return store
+    if real:
+        files = sorted(SHARED_DATA.glob("*.h5ad"))
+        if not files:
+            raise SystemExit(f"--real: no .h5ad in {SHARED_DATA}")
+        if not (REAL_STORE / "obs").exists():
+            subprocess.run([str(VENV_BIN / "hiceller"), "ingest", "--store", str(REAL_STORE), "--skip-existing",
+                            "--no-progress", *map(str, files)], check=True)
+        return str(REAL_STORE)
     if not (DEFAULT_STORE / "obs").exists():
         DEFAULT_STORE.parent.mkdir(parents=True, exist_ok=True)
         subprocess.run(
@@ -269,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="debug size only, 3 reps (about a minute)")
     ap.add_argument("--store", default=None)
+    ap.add_argument("--real", action="store_true", help="read the real cells of ../shared/data (bench/out/real_store)")
     ap.add_argument("--sizes", default=None, help="comma list of presets (default debug,base; --quick: debug)")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--threads", type=int, default=2)
@@ -289,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(worker(args)))
         return 0
 
-    store = ensure_store(args.store)
+    store = ensure_store(args.store, args.real)
     sizes = (args.sizes or ("debug" if args.quick else "debug,base")).split(",")
     reps = args.reps or (3 if args.quick else 5)
     from hiceller.config import load_config
