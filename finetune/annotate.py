@@ -42,11 +42,20 @@ class GeneMapping:
 
     @property
     def overlap(self) -> float:
-        """Share of the model's vocabulary found in the query."""
+        """Share of the query's genes that the model knows: near 0 means other identifiers (Ensembl ids
+        for a symbol vocabulary, another species), the case ``--min-overlap`` refuses. A query with
+        few genes (an HVG subset, a targeted panel) is fine as long as the model knows them."""
+        return self.n_matched / max(self.n_query, 1)
+
+    @property
+    def vocab_coverage(self) -> float:
+        """Share of the model's vocabulary present in the query (reported, not checked: a
+        vocabulary pooled over a whole corpus is much larger than any one query)."""
         return self.n_matched / max(self.n_vocab, 1)
 
     def describe(self) -> str:
-        return f"{self.n_matched} of the query's {self.n_query} genes are in the model's vocabulary of {self.n_vocab} ({self.overlap:.1%} of it)"
+        return (f"{self.n_matched} of the query's {self.n_query} genes ({self.overlap:.1%}) are in the model's vocabulary "
+                f"of {self.n_vocab} ({self.vocab_coverage:.1%} of it)")
 
 
 def map_genes(names: pd.Index | list[str], vocab: list[str], upper: bool = True) -> GeneMapping:
@@ -168,6 +177,7 @@ class Annotator:
             "bundle": str(self.bundle.path),
             "min_confidence": float(min_confidence),
             "gene_overlap": float(self.last_mapping.overlap),
+            "vocab_coverage": float(self.last_mapping.vocab_coverage),
             "genes_matched": int(self.last_mapping.n_matched),
         }
         return out

@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--label-column", default="cell_type")
     p.add_argument("--gene-column", default=None)
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--min-overlap", type=float, default=0.25)
+    p.add_argument("--min-overlap", type=float, default=0.25, help="least share of the query's genes the model must know")
     p.add_argument("--out", type=Path, default=None, help="folder for the confusion matrix and per-class table")
     p.add_argument("--json", action="store_true", help="end with one JSON line of the metrics")
     p.set_defaults(func=_evaluate)
@@ -57,7 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--min-confidence", type=float, default=0.0, help="below it the label is 'Unassigned'")
     p.add_argument("--gene-column", default=None, help="var column of gene ids (default: var_names, any case)")
-    p.add_argument("--min-overlap", type=float, default=0.25, help="least share of the model's genes the query must have")
+    p.add_argument("--min-overlap", type=float, default=0.25, help="least share of the query's genes the model must know")
     p.add_argument("--label-column", default=None, help="true labels, for the plot")
     p.add_argument("--plot", type=Path, default=None, help="UMAP of the embeddings, coloured by label, as PNG")
     p.add_argument("--tracking-uri", default=None, help="for models:/ URIs")
@@ -111,6 +111,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     )
     report["cells_with_unknown_labels"] = int((~known).sum())
     report["gene_overlap"] = ann.last_mapping.overlap
+    report["vocab_coverage"] = ann.last_mapping.vocab_coverage
     out = args.out or args.input.with_suffix("").parent / f"{args.input.stem}_celler_eval"
     out.mkdir(parents=True, exist_ok=True)
     plot_confusion_matrix(y[known], proba[known].argmax(1), ann.labels, out / "confusion.png")

@@ -243,3 +243,16 @@ def test_finetune_config_follows_pretrained_weights():
         _follow_pretrained(load_config("debug", ["data.n_bins=51"]), pre, ["data.n_bins=51"])
     # an override equal to the pretrained value is harmless
     assert _follow_pretrained(load_config("debug", ["model.d_model=64"]), pre, ["model.d_model=64"]).model == pre.model_cfg
+
+
+def test_gene_overlap_is_the_share_of_the_query_the_model_knows():
+    """An HVG subset of a big vocabulary passes; other identifiers fail; both shares are reported."""
+    from finetune.annotate import map_genes
+
+    vocab = [f"GENE{i}" for i in range(1000)]
+    panel = map_genes([f"gene{i}" for i in range(0, 200, 2)], vocab)  # 100 known genes, any case
+    assert (panel.n_matched, panel.overlap, panel.vocab_coverage) == (100, 1.0, 0.1)
+    assert "100 of the query's 100 genes (100.0%)" in panel.describe() and "(10.0% of it)" in panel.describe()
+    ensembl = map_genes([f"ENSG{i:011d}" for i in range(500)] + ["GENE1"], vocab)
+    assert ensembl.n_matched == 1 and ensembl.overlap == pytest.approx(1 / 501)
+    np.testing.assert_array_equal(ensembl.ids[-1:], [1])
