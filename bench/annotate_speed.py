@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -44,6 +43,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from _rss import peak_rss_mib  # noqa: E402
 
 
 def _threads(n: int) -> None:
@@ -311,14 +312,6 @@ def side_by_side(bundle: Path, h5ad: Path, n: int, batch_size: int, reps: int, c
 
 
 # ----------------------------------------------------------------------------------------- RSS child
-def _vm_hwm_mb() -> float:
-    """Peak RSS of this process (VmHWM, per address space; ru_maxrss would keep the parent's peak across exec)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def child(bundle: str, h5ad: str, batch_size: int) -> None:
     import anndata as ad
 
@@ -327,14 +320,14 @@ def child(bundle: str, h5ad: str, batch_size: int) -> None:
     _threads(2)
     ann = Annotator.load(bundle)
     adata = ad.read_h5ad(h5ad, backed="r")
-    rss0 = _vm_hwm_mb()
+    rss0 = peak_rss_mib()
     t0 = time.perf_counter()
     n, top = 0, []
     for rows, probs, _ in ann.iter_predictions(adata, batch_size=batch_size):
         top.append(probs.argmax(1).astype(np.int16))
         n += probs.shape[0]
     dt = time.perf_counter() - t0
-    print(json.dumps({"cells": n, "seconds": dt, "cells_s": n / dt, "peak_rss_mb": _vm_hwm_mb(),
+    print(json.dumps({"cells": n, "seconds": dt, "cells_s": n / dt, "peak_rss_mb": peak_rss_mib(),
                       "rss_after_load_mb": rss0}))
 
 

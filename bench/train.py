@@ -33,7 +33,6 @@ import argparse
 import glob
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -42,6 +41,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+from _rss import peak_rss_mib  # noqa: E402
 VENV_BIN = ROOT / ".venv" / "bin"
 DEFAULT_STORE = ROOT / "bench" / "out" / "train_store"
 
@@ -49,14 +50,6 @@ __all__ = ["main"]
 
 
 # ----------------------------------------------------------------------------- worker (one layout)
-def _peak_rss_mib() -> float:
-    """This process's own peak RSS (VmHWM). ``ru_maxrss`` would keep the forking parent's peak across exec."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def _padded_loss(model, gene_ids, values, padding_mask, mask):
     """``pretraining_loss`` on the padded layout: same heads, masked (non-pad) tokens only."""
     import torch.nn.functional as F
@@ -128,7 +121,7 @@ def worker(args: argparse.Namespace) -> dict:
         steps.append((b.n_tokens, b.n_cells, int(b.max_seqlen) * b.n_cells, inputs))
     del batches
 
-    rss_before = _peak_rss_mib()
+    rss_before = peak_rss_mib()
     times = []
     for i, (_, _, _, inputs) in enumerate(steps):
         t0 = time.perf_counter()
@@ -157,7 +150,7 @@ def worker(args: argparse.Namespace) -> dict:
         "padded_slots": slots,
         "tokens_per_s": tokens / wall,
         "cells_per_s": cells / wall,
-        "peak_rss_mib": _peak_rss_mib(),
+        "peak_rss_mib": peak_rss_mib(),
         "rss_before_steps_mib": rss_before,
         "lengths": lengths,
     }

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from hiceller.config import RunConfig, load_config
+from hiceller.config import RunConfig, load_config, override_keys
 from hiceller.errors import HicellerError, InputError
 
 __all__ = ["add_finetune_args", "run_finetune", "main"]
@@ -189,7 +189,7 @@ def _follow_pretrained(cfg: RunConfig, pre: Any, overrides: list[str]) -> RunCon
     encoder takes cells of any length): the pretrained value is the default, ``--set
     data.max_genes=N`` fine-tunes (and the bundle annotates) with up to N genes per cell.
     """
-    given = {o.split("=", 1)[0].strip() for o in overrides}
+    given = override_keys(overrides)
     for key in sorted(given):
         section, _, name = key.partition(".")
         if section == "model" and getattr(cfg.model, name) != getattr(pre.model_cfg, name):

@@ -365,6 +365,11 @@ def config_from_dict(raw: dict[str, Any]) -> RunConfig:
     return RunConfig(**kwargs)
 
 
+def override_keys(overrides: list[str]) -> set[str]:
+    """The ``section.key`` names that ``--set`` overrides assign (syntax checked as in :func:`load_config`)."""
+    return {".".join(_parse_override(o)[0]) for o in overrides}
+
+
 def _parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected section.key=value")

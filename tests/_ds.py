@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,9 +67,6 @@ def complete_steps(out: Path) -> list[int]:
 
 def hc(*args: str | Path, cwd: Path | None = None, check: bool = True, timeout: int = 600, dist_timeout: int = 60):
     """``hiceller ARGS`` with the CPU DeepSpeed environment; output captured, shm buffers removed after."""
-    import subprocess
-    import sys
-
     proc = subprocess.run(
         [str(Path(sys.executable).parent / "hiceller"), *map(str, args)],
         env=ds_env(dist_timeout), cwd=cwd, capture_output=True, text=True, timeout=timeout,
@@ -79,8 +81,6 @@ class GroupProc:
     """A command in its own process group, stdout and stderr to a log file; ``kill`` takes the group."""
 
     def __init__(self, cmd: list[str], log: Path, port: int | None, env: dict[str, str], timeout: float):
-        import subprocess
-
         self.log, self.port, self.timeout = log, port, timeout
         with open(log, "w") as f:
             self.proc = subprocess.Popen(cmd, env=env, cwd=str(log.parent), stdout=f, stderr=subprocess.STDOUT,
@@ -93,10 +93,6 @@ class GroupProc:
         return f"--- {self.log} ---\n" + self.text()[-n:]
 
     def wait(self, timeout: float | None = None) -> int:
-        import subprocess
-
-        import pytest
-
         timeout = self.timeout if timeout is None else timeout
         try:
             return self.proc.wait(timeout=timeout)
@@ -112,9 +108,6 @@ class GroupProc:
 
     def kill(self) -> None:
         """SIGKILL whatever is left of the process group (the launcher and every rank)."""
-        import signal
-        import subprocess
-
         self.signal_group(signal.SIGKILL)
         try:
             self.proc.wait(timeout=30)

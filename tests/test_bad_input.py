@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -22,15 +20,8 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from _ds import hc as _hc
+from _ds import hc
 from _fixtures import gene_names, make_h5ad, tree_snapshot
-
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
-
-def hc(*args: str | Path, cwd: Path | None = None, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
-    return _hc(*args, cwd=cwd, check=check, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
