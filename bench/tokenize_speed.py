@@ -1,19 +1,26 @@
 """Tokenizer throughput on a realistic block, against the naive per-cell loop.
 
-Run: ``python bench/tokenize_speed.py`` (``--help`` for sizes). Prints a side-by-side table
+Run: ``python bench/tokenize_speed.py [--against REV]`` (``--help`` for sizes). Prints a side-by-side table
 (median of ``--repeats`` runs, the two versions called alternately) and ends with ONE JSON line for CI logs. The naive version is the
 obvious implementation (group by cell, then per cell ``np.lexsort`` + rank + sample in Python);
-the script checks that both produce identical tokens before it reports any speed.
+the script checks that both produce identical tokens before it reports any speed. ``--against REV``
+adds the tokenizer of another git revision (its ``data_store/tokenize.py`` loaded as a module), to
+measure a change side by side on the same block.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -93,6 +100,20 @@ def naive_tokenize(tk: Tokenizer, block: Block, epoch: int) -> TokenizedCells:
     )
 
 
+def tokenizer_at(rev: str) -> type:
+    """``Tokenizer`` class of ``data_store/tokenize.py`` at git revision ``rev``."""
+    root = Path(__file__).resolve().parents[1]
+    src = subprocess.run(["git", "-C", str(root), "show", f"{rev}:data_store/tokenize.py"], check=True,
+                         capture_output=True, text=True).stdout
+    path = Path(tempfile.mkdtemp()) / "tokenize_at_rev.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location("tokenize_at_rev", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module.Tokenizer
+
+
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:
     """Median wall time of ``repeats`` calls (median: robust to a noisy shared machine)."""
     return median_seconds_interleaved([fn], repeats)[0]
@@ -136,6 +157,7 @@ def main() -> None:
     parser.add_argument("--max-genes", type=int, default=1200)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="1024 cells, 3 repeats (a few seconds)")
+    parser.add_argument("--against", metavar="REV", help="also time the tokenizer of this git revision")
     args = parser.parse_args()
     if args.quick:
         args.cells, args.repeats = 1024, 3
@@ -149,7 +171,17 @@ def main() -> None:
             and np.array_equal(a.values, b.values)):
         raise SystemExit("vectorised and naive tokenizers disagree; refusing to report speed")
 
-    t_fast, t_naive = median_seconds_interleaved([fast, naive], args.repeats)
+    contenders = [fast, naive]
+    if args.against:
+        tk_rev = tokenizer_at(args.against)(n_bins=51, max_genes=args.max_genes, seed=0)
+        at_rev = lambda: tk_rev.tokenize(block.rows, block.genes, block.values, block.n_cells, cell_keys=block.keys)  # noqa: E731
+        c = at_rev()
+        if not (np.array_equal(a.gene_ids, c.gene_ids) and np.array_equal(a.values, c.values)):
+            raise SystemExit(f"the tokenizer at {args.against} gives other tokens; refusing to compare speed")
+        contenders.append(at_rev)
+    fast()  # the first call loads (or compiles) the compiled kernels: not part of the timing
+    times = median_seconds_interleaved(contenders, args.repeats)
+    t_fast, t_naive = times[:2]
     order = ordering_alternatives(block, args.repeats)
     nnz = np.bincount(block.rows, minlength=block.n_cells)
     result = {
@@ -163,6 +195,8 @@ def main() -> None:
         "naive_cells_per_s": round(block.n_cells / t_naive),
         "speedup": round(t_naive / t_fast, 1),
         "ordering_step_s": {k: round(v, 4) for k, v in order.items()},
+        **({"against": args.against, "against_cells_per_s": round(block.n_cells / times[2]),
+            "speedup_over_against": round(times[2] / t_fast, 2)} if args.against else {}),
         "load_avg_1m": round(os.getloadavg()[0], 2),  # other work on the machine skews absolute rates
         "numpy": np.__version__,
         "machine": platform.machine(),
@@ -170,8 +204,10 @@ def main() -> None:
     print(f"block: {block.n_cells} cells, {block.rows.size} non-zeros "
           f"({result['cells_over_max_genes']} cells over max_genes={args.max_genes}), {a.n_tokens} tokens")
     print(f"{'':12}{'seconds':>10}{'cells/s':>12}")
-    print(f"{'vectorised':12}{t_fast:10.4f}{result['vectorised_cells_per_s']:12d}")
+    print(f"{'this tree':12}{t_fast:10.4f}{result['vectorised_cells_per_s']:12d}")
     print(f"{'naive loop':12}{t_naive:10.4f}{result['naive_cells_per_s']:12d}")
+    if args.against:
+        print(f"{args.against[:12]:12}{times[2]:10.4f}{result['against_cells_per_s']:12d}")
     print(f"speedup: {result['speedup']}x; ordering step alone (s): {result['ordering_step_s']}")
     print(json.dumps(result))
 

@@ -9,7 +9,6 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from data_store import tokenize as tok
 from data_store.tokenize import (
     CLS_ID,
     MASK_VALUE,
@@ -255,15 +254,6 @@ def test_wide_gene_ids_split_the_block_and_match_reference() -> None:
         np.testing.assert_array_equal(got_v, want_v)
 
 
-def test_sampling_sort_in_chunks_gives_the_same_tokens(counts_block: Block, monkeypatch: pytest.MonkeyPatch) -> None:
-    tk = Tokenizer(max_genes=15)
-    want = run(tk, counts_block)
-    monkeypatch.setattr(tok, "_MAX_CELLS_PER_SAMPLING_SORT", 3)
-    got = run(tk, counts_block)
-    np.testing.assert_array_equal(got.gene_ids, want.gene_ids)
-    np.testing.assert_array_equal(got.values, want.values)
-
-
 def test_select_and_concat(counts_block: Block) -> None:
     out = run(Tokenizer(max_genes=30), counts_block)
     idx = np.array([5, 0, 159, 5, 1, 80])
@@ -314,3 +304,17 @@ def test_config_validation_names_the_field(field: str, kwargs: dict[str, int]) -
 def test_bad_blocks_are_rejected(rows: list, genes: list, values: list, keys: list, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         Tokenizer().tokenize(np.array(rows), np.array(genes), np.array(values), 2, cell_keys=np.array(keys))
+
+
+@pytest.mark.parametrize("top_bytes", [256, 1])
+def test_kth_smallest_matches_a_sort(top_bytes: int) -> None:
+    """The sampling threshold: uniform top bytes (hashes) and the worst case, all in one bucket."""
+    from data_store.tokenize import _kth_smallest
+
+    rng = np.random.default_rng(top_bytes)
+    for n in (1, 2, 255, 1342, 5000):
+        x = (rng.integers(0, top_bytes, n, dtype=np.uint64) << np.uint64(56)) | rng.permutation(n).astype(np.uint64)
+        want = np.sort(x)
+        counts, bucket = np.empty(256, np.int64), np.empty(n, np.uint64)
+        for k in {0, n // 3, n - 1}:
+            assert _kth_smallest(x, k, counts, bucket) == want[k]
