@@ -46,7 +46,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_store.batching import PackedBatch, pack, to_padded
+from data_store.batching import pack, to_padded
 from data_store.store import LAYER, CorpusStore, soma_context
 from data_store.tokenize import TokenizedCells, Tokenizer
 from hiceller.errors import HicellerError, InputError

@@ -82,7 +82,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     import numpy as np
 
     from finetune.annotate import Annotator
-    from finetune.metrics import classification_report, per_class_table, plot_confusion_matrix
+    from finetune.metrics import labelled_report, write_eval_artifacts
     from hiceller.errors import InputError
 
     if args.batch_size < 1:
@@ -106,16 +106,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     known = y >= 0
     if not known.any():
         raise InputError(f"{args.input}: none of its labels is a class of the model ({', '.join(ann.labels[:8])}...)")
-    report = classification_report(
-        y[known], proba[known].argmax(1), proba[known], ann.labels, ann.bundle.label_counts or [1] * len(ann.labels)
-    )
-    report["cells_with_unknown_labels"] = int((~known).sum())
+    report = labelled_report(y, proba, ann.labels, ann.bundle.label_counts or [1] * len(ann.labels))
     report["gene_overlap"] = ann.last_mapping.overlap
     report["vocab_coverage"] = ann.last_mapping.vocab_coverage
     out = args.out or args.input.with_suffix("").parent / f"{args.input.stem}_celler_eval"
-    out.mkdir(parents=True, exist_ok=True)
-    plot_confusion_matrix(y[known], proba[known].argmax(1), ann.labels, out / "confusion.png")
-    per_class_table(report).to_csv(out / "per_class_f1.csv", index=False)
+    write_eval_artifacts(report, y[known], proba[known].argmax(1), ann.labels, out)
     rare = report.get("rare_class_f1")
     print(
         f"{args.input.name}: {int(known.sum())} cells ({report['cells_with_unknown_labels']} with labels unknown to the model), "
@@ -161,7 +156,6 @@ def _resolve_bundle(model: str, tracking_uri: str | None) -> Path:
 
 def _annotate(args: argparse.Namespace) -> int:
     import anndata as ad
-    import pandas as pd
 
     from finetune.annotate import Annotator
     from hiceller.errors import InputError

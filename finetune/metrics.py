@@ -53,7 +53,6 @@ def expected_calibration_error(proba: np.ndarray, y_true: np.ndarray, n_bins: in
     edges = np.linspace(0.0, 1.0, n_bins + 1)
     # side="left" on the inner edges puts a value equal to an edge in the bin it closes: (lo, hi].
     bins = np.searchsorted(edges[1:-1], confidence, side="left")
-    total = np.bincount(bins, minlength=n_bins)
     conf_sum = np.bincount(bins, weights=confidence, minlength=n_bins)
     acc_sum = np.bincount(bins, weights=correct, minlength=n_bins)
     return float(np.abs(acc_sum - conf_sum).sum() / confidence.size)
@@ -124,6 +123,55 @@ def classification_report(
         "per_class_support": {names[c]: int(v) for c, v in zip(present, support, strict=True)},
         "per_class_train_count": {names[c]: int(counts[c]) for c in present},
     }
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64, shifted by the row max (no overflow for large logits)."""
+    z = np.asarray(logits, dtype=np.float64)
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    return p / p.sum(axis=1, keepdims=True)
+
+
+def labelled_report(
+    y: np.ndarray,
+    proba: np.ndarray,
+    class_names: Sequence[str],
+    train_counts: Sequence[int] | np.ndarray,
+    rare_threshold: float = 0.01,
+) -> dict[str, Any]:
+    """:func:`classification_report` over the cells whose label is a class of the model.
+
+    ``y`` holds class indices, ``-1`` for a label the model does not know (a type absent from its
+    training data); those cells are left out of every metric and counted in
+    ``cells_with_unknown_labels``. Raises ValueError when no cell has a known label.
+    """
+    y = np.asarray(y)
+    known = y >= 0
+    if not known.any():
+        raise ValueError("none of the cells has a label the model knows")
+    proba = np.asarray(proba)[known]
+    report = classification_report(y[known], proba.argmax(1), proba, class_names, train_counts, rare_threshold)
+    report["cells_with_unknown_labels"] = int((~known).sum())
+    return report
+
+
+def write_eval_artifacts(
+    report: dict[str, Any], y: np.ndarray, pred: np.ndarray, class_names: Sequence[str], out: Path, prefix: str = ""
+) -> list[Path]:
+    """Confusion matrix PNG, per-class F1 CSV and the metrics JSON of one evaluation, under ``out``.
+
+    ``y`` and ``pred`` are the known-label cells the report was computed on. Returns the paths
+    (the files MLflow logs as artifacts).
+    """
+    import json
+
+    out.mkdir(parents=True, exist_ok=True)
+    png = plot_confusion_matrix(y, pred, class_names, out / f"{prefix}confusion.png")
+    csv = out / f"{prefix}per_class_f1.csv"
+    per_class_table(report).to_csv(csv, index=False)
+    metrics = out / f"{prefix}metrics.json"
+    metrics.write_text(json.dumps(report, indent=1, default=float))
+    return [png, csv, metrics]
 
 
 def per_class_table(report: dict[str, Any]) -> pd.DataFrame:

@@ -345,24 +345,21 @@ def _predict(ctx: _Context, task, idx: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def _evaluate(ctx: _Context, task, idx: np.ndarray) -> dict[str, Any]:
-    from finetune.metrics import classification_report
+    from finetune.metrics import labelled_report, softmax
 
     if len(idx) == 0:
         raise HicellerError("nothing to evaluate: the validation split is empty")
     pred = _predict(ctx, task, idx)
     y = _label_ids(ctx, idx)
+    proba = softmax(pred["logits"])
+    report = labelled_report(y, proba, ctx.names, ctx.counts, ctx.cfg.finetune.rare_class_threshold)
     known = y >= 0
-    logits = pred["logits"][known]
-    proba = np.exp(logits - logits.max(1, keepdims=True))
-    proba /= proba.sum(1, keepdims=True)
-    report = classification_report(y[known], proba.argmax(1), proba, ctx.names, ctx.counts, ctx.cfg.finetune.rare_class_threshold)
-    report["cells_with_unseen_labels"] = int((~known).sum())
     return {
         "report": report,
         "y": y[known],
-        "pred": proba.argmax(1),
+        "pred": proba[known].argmax(1),
         "joinids": ctx.joinids[idx][known],
-        "proba": proba,
+        "proba": proba[known],
         "class_names": ctx.names,
     }
 
@@ -372,15 +369,10 @@ def _scalars(report: dict[str, Any]) -> dict[str, float]:
 
 
 def _log_eval(tracker, ev: dict[str, Any], run_dir: Path, prefix: str) -> None:
-    from finetune.metrics import per_class_table, plot_confusion_matrix
+    from finetune.metrics import write_eval_artifacts
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    png = plot_confusion_matrix(ev["y"], ev["pred"], ev["class_names"], run_dir / f"{prefix}_confusion.png")
-    table = per_class_table(ev["report"])
-    table.to_csv(run_dir / f"{prefix}_per_class_f1.csv", index=False)
-    (run_dir / f"{prefix}_metrics.json").write_text(json.dumps(ev["report"], indent=1, default=float))
-    for f in (png, run_dir / f"{prefix}_per_class_f1.csv", run_dir / f"{prefix}_metrics.json"):
-        tracker.log_artifact(Path(f))
+    for f in write_eval_artifacts(ev["report"], ev["y"], ev["pred"], ev["class_names"], run_dir, f"{prefix}_"):
+        tracker.log_artifact(f)
 
 
 def _write_bundle(ctx: _Context, state, summary: dict[str, Any]) -> None:

@@ -141,3 +141,16 @@ def test_confusion_matrix_png(tmp_path: Path) -> None:
 def test_confusion_rows_of_predicted_only_classes_stay_zero() -> None:
     matrix = row_normalised_confusion(np.array([0, 0]), np.array([0, 1]), np.array([0, 1]))
     np.testing.assert_allclose(matrix, [[0.5, 0.5], [0.0, 0.0]])
+
+
+def test_labelled_report_leaves_out_unknown_labels() -> None:
+    from finetune.metrics import labelled_report, softmax
+
+    logits = np.array([[1000.0, 0.0], [0.0, 1000.0], [5.0, 1.0], [0.0, 3.0]])  # large logits: no overflow
+    proba = softmax(logits)
+    assert np.isfinite(proba).all() and np.allclose(proba.sum(1), 1.0)
+    report = labelled_report(np.array([0, 1, -1, 0]), proba, ["a", "b"], [50, 50])
+    assert report["n_cells"] == 3 and report["cells_with_unknown_labels"] == 1
+    assert report["accuracy"] == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="none of the cells"):
+        labelled_report(np.array([-1, -1]), proba[:2], ["a", "b"], [50, 50])
