@@ -435,6 +435,7 @@ def plan(store: str, h5ad: str, n_cells: int, quick: bool) -> list[Config]:
             (64, 512, 0),
             (128, 512, 0),
             (256, 512, 0),
+            (512, 256, 0),
             (256, 512, 1),
             (64, 1024, 2),
         ]
