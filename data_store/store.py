@@ -397,6 +397,20 @@ class CorpusStore:
             for a in range(start, stop, block):
                 yield x.read(coords=(slice(a, min(a + block, stop) - 1),)).tables().concat()
 
+    def iter_x_cells(self, joinids: np.ndarray, chunk: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """X of the cells ``joinids`` as numpy COO ``(soma_joinid, gene id, value)``, ``chunk`` cells per query.
+
+        Joinids are sorted first; a chunk of consecutive joinids is one range read, any other chunk
+        a point read of just its cells."""
+        joinids = np.unique(np.asarray(joinids, dtype=np.int64))
+        with soma.Experiment.open(self.uri, context=soma_context(self.uri)) as exp:
+            x = exp.ms["RNA"].X[LAYER]
+            for a in range(0, len(joinids), chunk):
+                j = joinids[a : a + chunk]
+                lo, hi = int(j[0]), int(j[-1])
+                t = x.read(coords=(slice(lo, hi) if hi - lo + 1 == len(j) else j,)).tables().concat()
+                yield t.column("soma_dim_0").to_numpy(), t.column("soma_dim_1").to_numpy(), t.column("soma_data").to_numpy()
+
     def summary(self) -> dict[str, Any]:
         """What `hiceller info` prints: totals and cells per tissue / disease / cell type."""
         done = self.complete_datasets()

@@ -82,6 +82,10 @@ class Annotator:
             raise InputError(f"bundle {bundle.path}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
         self.task = task.to(self.device).eval()
         self.tokenizer = Tokenizer(n_bins=bundle.n_bins, max_genes=bundle.max_genes, seed=0)
+        # Vocabulary ids the classifier reads: all, or the genes it was fine-tuned on (n_hvg).
+        self._reads = None
+        if bundle.input_genes is not None:
+            self._reads = np.isin(np.array(bundle.vocab, dtype=object), np.array(bundle.input_genes, dtype=object))
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "Annotator":
@@ -125,6 +129,8 @@ class Annotator:
             # selection x[:, cols] costs far more) and drop the genes the model never saw.
             ids = mapping.ids[x.col]
             ok = (ids >= 0) & (x.data != 0)
+            if self._reads is not None:
+                ok &= self._reads[np.maximum(ids, 0)]
             m = sp.coo_matrix((x.data[ok].astype(np.float32), (x.row[ok], ids[ok])), shape=(b - a, mapping.n_vocab))
             m.sum_duplicates()  # symbols that differ only in case name one vocabulary gene
             tok = self.tokenizer.tokenize(m.row, m.col, m.data, b - a, cell_keys=np.arange(a, b, dtype=np.uint64))

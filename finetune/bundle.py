@@ -49,6 +49,8 @@ class Bundle:
     metrics: dict[str, Any]
     state_dict: dict[str, torch.Tensor]
     config: dict[str, Any]
+    input_genes: list[str] | None = None
+    """The vocabulary genes the classifier reads (fine-tuned with ``finetune.n_hvg``); None = all."""
 
 
 def _sha256(path: Path) -> str:
@@ -72,8 +74,12 @@ def write_bundle(
     hierarchy: dict[str, str] | None = None,
     extra_config: dict[str, Any] | None = None,
     overwrite: bool = False,
+    input_genes: list[str] | None = None,
 ) -> Path:
-    """Write a bundle atomically (temporary folder + rename)."""
+    """Write a bundle atomically (temporary folder + rename).
+
+    ``input_genes``: the subset of ``vocab`` the classifier reads (config.json, tokenizer section);
+    annotation drops every other gene before tokenizing, as fine-tuning did."""
     from safetensors.torch import save_file
 
     out = Path(out)
@@ -81,6 +87,8 @@ def write_bundle(
         raise InputError(f"bundle {out} already exists (remove it or choose another --out)")
     if len(labels) != len(label_counts):
         raise ValueError("labels and label_counts differ in length")
+    if input_genes is not None and not set(input_genes) <= set(vocab):
+        raise ValueError("input_genes must be genes of vocab")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
@@ -91,7 +99,8 @@ def write_bundle(
             "model": asdict(model_cfg),
             "n_genes": len(vocab),
             "n_classes": len(labels),
-            "tokenizer": {"n_bins": n_bins, "max_genes": max_genes},
+            "tokenizer": {"n_bins": n_bins, "max_genes": max_genes,
+                          **({"input_genes": list(input_genes)} if input_genes is not None else {})},
             **(extra_config or {}),
         }
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
@@ -168,6 +177,9 @@ def load_bundle(path: Path) -> Bundle:
         raise InputError(
             f"bundle {path}: vocabulary of {len(vocab)} genes does not match the model's embedding ({emb.shape[0] - N_SPECIAL} genes)"
         )
+    input_genes = config["tokenizer"].get("input_genes")
+    if input_genes is not None and (not isinstance(input_genes, list) or not set(input_genes) <= set(vocab)):
+        raise InputError(f"bundle {path}: config.json's tokenizer.input_genes are not all genes of vocab.json")
     head = state.get("head.weight")
     if head is None or head.shape[0] != len(names) or config.get("n_classes") != len(names):
         got = None if head is None else head.shape[0]
@@ -184,4 +196,5 @@ def load_bundle(path: Path) -> Bundle:
         metrics=metrics,
         state_dict=state,
         config=config,
+        input_genes=input_genes,
     )

@@ -55,6 +55,7 @@ def export_bundle(checkpoint: Path, out: Path, overwrite: bool = False) -> Path:
         w.label_counts or [0] * len(w.labels),
         metrics={**metrics, "checkpoint": str(w.source)},
         overwrite=overwrite,
+        input_genes=w.input_genes,
     )
 
 

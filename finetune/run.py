@@ -154,14 +154,22 @@ def run_finetune(args: argparse.Namespace) -> int:
                 p.requires_grad_(False)
         return task
 
-    ctx = _Context(cfg, args, dist, store_uri, joinids, labels_all, names, counts, gene_map, pre, out)
+    input_genes = None
+    if cfg.finetune.n_hvg:
+        from finetune.genes import highly_variable_genes
+
+        hv = highly_variable_genes(store, joinids[split.train_idx], cfg.finetune.n_hvg, candidates=np.flatnonzero(gene_map >= 0))
+        gene_map = np.where(np.isin(np.arange(len(gene_map)), hv), gene_map, -1)
+        input_genes = [pre.vocab[i] for i in np.unique(gene_map[gene_map >= 0])]
+    ctx = _Context(cfg, args, dist, store_uri, joinids, labels_all, names, counts, gene_map, pre, out, input_genes)
     parent = Tracker(out, enabled=dist.is_main, tracking_uri=args.tracking_uri, run_name=f"finetune-{args.tissue or 'all'}")
     if dist.is_main:
         parent.log_params({**cfg.flat(), "tissue": args.tissue, "pretrained": str(pre.source), "n_classes": len(names)})
         parent.set_tags({"kind": "finetune", "run_dir": out.resolve(), "split": split.strategy})
         print(
             f"fine-tuning on {len(split.train_idx)} train / {len(split.val_idx)} val / {len(split.test_idx)} test cells, "
-            f"{len(names)} classes, loss {cfg.finetune.loss}, split {split.strategy}",
+            f"{len(names)} classes, loss {cfg.finetune.loss}, split {split.strategy}, "
+            + (f"{len(input_genes)} most variable genes" if input_genes else "all genes"),
             flush=True,
         )
     status = "FAILED"
@@ -215,6 +223,8 @@ class _Context:
     gene_map: np.ndarray
     pre: Any
     out: Path
+    input_genes: list[str] | None = None
+    """Vocabulary genes the classifier reads (``finetune.n_hvg``); None = all."""
 
     def stream(self, idx: np.ndarray, shuffle: bool, rank: int | None = None, world: int | None = None):
         from data_store.stream import CellStream
@@ -271,7 +281,10 @@ def _phases(ctx: _Context, split, fresh_task, parent) -> dict[str, Any]:
 
         def save_labels(cp: Path) -> None:
             (cp / "vocab.json").write_text(json.dumps(ctx.pre.vocab))
-            (cp / "labels.json").write_text(json.dumps({"names": ctx.names, "train_counts": ctx.counts.tolist()}))
+            labels = {"names": ctx.names, "train_counts": ctx.counts.tolist()}
+            if ctx.input_genes is not None:
+                labels["input_genes"] = ctx.input_genes
+            (cp / "labels.json").write_text(json.dumps(labels))
 
         result = train(rcfg, task, [stream], run_dir, dist, child, extra_checkpoint_files=save_labels, progress=not ctx.args.no_progress, log_prefix=f"{name} ")
         state = full_state_dict(result.engine)
@@ -389,6 +402,7 @@ def _write_bundle(ctx: _Context, state, summary: dict[str, Any]) -> None:
         ctx.counts.tolist(),
         metrics=summary,
         extra_config={"loss": ctx.cfg.finetune.loss, "pretrained": str(ctx.pre.source)},
+        input_genes=ctx.input_genes,
     )
 
 

@@ -33,6 +33,8 @@ class TrainedWeights:
     source: Path
     labels: list[str] | None = None
     label_counts: list[int] | None = None
+    input_genes: list[str] | None = None
+    """Genes a fine-tuned classifier reads (``finetune.n_hvg``); None = all of ``vocab``."""
 
 
 def consolidate(cp: Path) -> dict[str, torch.Tensor]:
@@ -77,10 +79,10 @@ def load_checkpoint_weights(path: Path) -> TrainedWeights:
     cp = ckpt.resolve_checkpoint(Path(path))
     cfg = _run_config(cp)
     vocab = json.loads((cp / "vocab.json").read_text())
-    labels = counts = None
+    labels = counts = input_genes = None
     if (cp / "labels.json").is_file():
         lab = json.loads((cp / "labels.json").read_text())
-        labels, counts = lab["names"], lab["train_counts"]
+        labels, counts, input_genes = lab["names"], lab["train_counts"], lab.get("input_genes")
     return TrainedWeights(
         state_dict=consolidate(cp),
         model_cfg=cfg.model,
@@ -90,6 +92,7 @@ def load_checkpoint_weights(path: Path) -> TrainedWeights:
         source=cp,
         labels=labels,
         label_counts=counts,
+        input_genes=input_genes,
     )
 
 
@@ -109,6 +112,7 @@ def load_pretrained(path: Path) -> TrainedWeights:
             source=path,
             labels=b.labels,
             label_counts=b.label_counts,
+            input_genes=b.input_genes,
         )
     if not path.exists():
         raise InputError(f"--pretrained {path} does not exist")

@@ -221,6 +221,9 @@ class FinetuneConfig:
     """Classes under this share of training cells count as rare."""
     freeze_encoder: bool = False
     """Train only the classifier head."""
+    n_hvg: int = 0
+    """Genes the classifier reads: 0 = every gene of the vocabulary; N = the N most variable genes
+    of the training cells (Seurat dispersion, finetune/genes.py), kept in the bundle for annotation."""
 
     def __post_init__(self) -> None:
         _check(self.loss in ("ce", "ginf"), "finetune.loss", f"must be ce or ginf, got {self.loss!r}")
@@ -231,6 +234,7 @@ class FinetuneConfig:
         _check(self.mining_patience >= 1, "finetune.mining_patience", f"must be >= 1, got {self.mining_patience}")
         _check(self.hard_cap_per_class >= 1, "finetune.hard_cap_per_class", f"must be >= 1, got {self.hard_cap_per_class}")
         _check(self.replay_fraction >= 0, "finetune.replay_fraction", f"must be >= 0, got {self.replay_fraction}")
+        _check(self.n_hvg >= 0, "finetune.n_hvg", f"must be >= 0 (0 = all genes), got {self.n_hvg}")
         _check(0.0 < self.val_fraction < 1.0, "finetune.val_fraction", f"must be in (0, 1), got {self.val_fraction}")
         _check(
             0.0 < self.rare_class_threshold < 1.0,

@@ -155,6 +155,21 @@ def test_tampered_or_broken_bundles_refused(world, tmp_path):
     (m / "vocab.json").unlink()
     with pytest.raises(InputError, match="vocab.json is missing"):
         load_bundle(m)
+    g = tmp_path / "genes"  # consistent checksums, but input genes the vocabulary lacks
+    b = load_bundle(src)
+    from finetune.bundle import write_bundle
+
+    write_bundle(g, b.state_dict, b.model_cfg, b.n_bins, b.max_genes, b.vocab, b.labels, b.label_counts, {})
+    config = json.loads((g / "config.json").read_text())
+    config["tokenizer"]["input_genes"] = [b.vocab[0], "NOT_A_GENE"]
+    (g / "config.json").write_text(json.dumps(config))
+    sums = (g / "checksums.sha256").read_text().splitlines()
+    import hashlib
+
+    digest = hashlib.sha256((g / "config.json").read_bytes()).hexdigest()
+    (g / "checksums.sha256").write_text("\n".join(f"{digest}  config.json" if l.endswith("  config.json") else l for l in sums) + "\n")
+    with pytest.raises(InputError, match="input_genes are not all genes of vocab.json"):
+        load_bundle(g)
     q = query_h5ad(tmp_path / "q.h5ad", world["tissue"], n=20)
     proc = hc("annotate", "--model", str(t), "--input", str(q), "--output", str(tmp_path / "o.h5ad"), check=False)
     assert proc.returncode == 2 and "checksum mismatch" in proc.stderr and "Traceback" not in proc.stderr
@@ -256,3 +271,39 @@ def test_gene_overlap_is_the_share_of_the_query_the_model_knows():
     ensembl = map_genes([f"ENSG{i:011d}" for i in range(500)] + ["GENE1"], vocab)
     assert ensembl.n_matched == 1 and ensembl.overlap == pytest.approx(1 / 501)
     np.testing.assert_array_equal(ensembl.ids[-1:], [1])
+
+
+def test_finetune_on_variable_genes(world, tmp_path):
+    """finetune.n_hvg: the classifier reads only the most variable genes of its training split, in the
+    run, in the exported bundle and at annotation."""
+    import scipy.sparse as sp
+
+    from data_store.store import CorpusStore
+    from finetune.genes import highly_variable_genes
+
+    ft = tmp_path / "hvg"
+    hc(
+        "finetune", "--store", str(world["store"]), "--pretrained", str(world["pre"]), "--tissue", world["tissue"], "--out", str(ft),
+        "--set", "finetune.epochs=1", "--set", "finetune.mining_rounds=0", "--set", "finetune.n_hvg=100", "--no-progress",
+    )
+    bundle = load_bundle(ft / "model")
+    assert len(bundle.input_genes) == 100 and set(bundle.input_genes) <= set(bundle.vocab)
+    split = pd.read_parquet(ft / "split.parquet")
+    store = CorpusStore.open(world["store"])
+    vocab = list(store.vocabulary())
+    known = set(bundle.vocab)
+    hv = highly_variable_genes(store, split.joinid[split.split == "train"].to_numpy(), 100,
+                               candidates=np.array([i for i, g in enumerate(vocab) if g in known]))
+    assert sorted(vocab[g] for g in hv) == sorted(bundle.input_genes)
+    exported = tmp_path / "exported"
+    hc("export", "--checkpoint", str(ft), "--out", str(exported), "--no-mlflow")
+    assert load_bundle(exported).input_genes == bundle.input_genes
+    q = ad.read_h5ad(query_h5ad(tmp_path / "q.h5ad", world["tissue"], n=40))
+    ann = Annotator.load(ft / "model")
+    a = ann.annotate(q.copy())
+    unread = ~q.var_names.str.upper().isin([g.upper() for g in bundle.input_genes])
+    X = q.X.toarray()
+    X[:, unread] = X[:, unread] * 3 + 1  # change every gene the classifier does not read
+    b = ann.annotate(ad.AnnData(X=sp.csr_matrix(X), obs=q.obs.copy(), var=q.var.copy()))
+    np.testing.assert_allclose(b.obsm["X_celler"], a.obsm["X_celler"], atol=1e-5)
+    assert list(b.obs["celler_label"]) == list(a.obs["celler_label"])
