@@ -124,7 +124,7 @@ METHODS = {
 def run_celler(method, train, test, seed, pre, rnd, epochs, out: Path, max_genes: int | None = None, n_hvg: int = 0) -> dict:
     which, sets = METHODS[method]
     # the folder names every setting, so a run made with other settings is never reused
-    o = out / f"{train.stem}_{method}_s{seed}_e{epochs}_g{max_genes or 'pre'}" + (f"_hvg{n_hvg}" if n_hvg else "")
+    o = out / (f"{train.stem}_{method}_s{seed}_e{epochs}_g{max_genes or 'pre'}" + (f"_hvg{n_hvg}" if n_hvg else ""))
     if not (o / "model").exists():
         cmd = ["hiceller", "finetune", "--h5ad", str(train), "--pretrained", str(pre if which == "pretrained" else rnd),
                "--out", str(o), "--no-progress", "--set", f"train.seed={seed}", "--set", f"finetune.epochs={epochs}",
