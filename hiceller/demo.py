@@ -59,10 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cells", type=int, default=30_000)
     ap.add_argument("--steps", type=int, default=150, help="pretraining steps (debug model, 2 CPU ranks)")
     ap.add_argument("--finetune-epochs", type=int, default=4)
-    # Pretraining keeps the debug preset's 256 genes per cell (speed); fine-tuning sees more of each cell's
-    # ~500-3000 non-zero genes, since the rare types differ in a few markers (0.13 -> 0.34 test macro-F1 here).
-    ap.add_argument("--finetune-max-genes", type=int, default=768)
-    ap.add_argument("--finetune-n-hvg", type=int, default=0, help="fine-tune on the N most variable genes (0: all)")
+    # Fine-tuning reads the 2,000 most variable genes of the tissue's training cells (finetune.n_hvg): all of a
+    # cell's informative genes fit in the preset's 256, none is dropped at random. Held-out donor here: macro-F1
+    # 0.41 / accuracy 0.87 (fine-tuning 38 s), against 0.30 / 0.80 with all genes at 768 per cell (minutes longer).
+    ap.add_argument("--finetune-max-genes", type=int, default=256)
+    ap.add_argument("--finetune-n-hvg", type=int, default=2000, help="fine-tune on the N most variable genes (0: all)")
     args = ap.parse_args(argv)
     hc = [str(Path(sys.executable).with_name("hiceller"))]
     out = args.out
