@@ -63,3 +63,19 @@ def test_only_the_given_cells_and_candidates_count(store_and_matrix) -> None:
     assert len(got) == 15 and set(got) <= set(cand) and np.all(np.diff(got) > 0)
     with pytest.raises(ValueError, match="n_top"):
         highly_variable_genes(store, joinids, 0, candidates=cand)
+
+
+def test_log_normalised_source_selects_the_same_genes(store_and_matrix, tmp_path) -> None:
+    """A log1p(normalised) copy of the same cells (ingested as logexpr) gives the same genes as the counts."""
+    store, adata = store_and_matrix
+    X = adata.X.toarray().astype(np.float64)
+    X = np.log1p(X / np.maximum(X.sum(1, keepdims=True), 1) * 1e4).astype(np.float32)
+    ad.AnnData(X=sp.csr_matrix(X), obs=adata.obs.copy(), var=adata.var.copy()).write_h5ad(tmp_path / "log.h5ad")
+    ingest_files(str(tmp_path / "logstore"), [tmp_path / "log.h5ad"], IngestOptions())
+    log_store = CorpusStore.open(str(tmp_path / "logstore"))
+    assert log_store.complete_datasets()[0].kind == "logexpr"
+    pick = [
+        [s.vocabulary()[g] for g in highly_variable_genes(s, s.obs()["soma_joinid"].to_numpy(), 40, np.arange(300))]
+        for s in (store, log_store)
+    ]
+    assert pick[0] == pick[1]
