@@ -158,6 +158,8 @@ def run_finetune(args: argparse.Namespace) -> int:
     if cfg.finetune.n_hvg:
         from finetune.genes import highly_variable_genes
 
+        if dist.is_main:
+            print(f"selecting the {cfg.finetune.n_hvg} most variable genes over {len(split.train_idx)} training cells", flush=True)
         hv = highly_variable_genes(store, joinids[split.train_idx], cfg.finetune.n_hvg, candidates=np.flatnonzero(gene_map >= 0))
         gene_map = np.where(np.isin(np.arange(len(gene_map)), hv), gene_map, -1)
         input_genes = [pre.vocab[i] for i in np.unique(gene_map[gene_map >= 0])]
