@@ -398,18 +398,13 @@ class CorpusStore:
                 yield x.read(coords=(slice(a, min(a + block, stop) - 1),)).tables().concat()
 
     def iter_x_cells(self, joinids: np.ndarray, chunk: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """X of the cells ``joinids`` as numpy COO ``(soma_joinid, gene id, value)``, ``chunk`` cells per query.
-
-        Joinids are sorted first; a chunk of consecutive joinids is one range read, any other chunk
-        a point read of just its cells."""
+        """X of the cells ``joinids`` (sorted and de-duplicated first) as :func:`read_x_cells` COO,
+        ``chunk`` cells per query."""
         joinids = np.unique(np.asarray(joinids, dtype=np.int64))
         with soma.Experiment.open(self.uri, context=soma_context(self.uri)) as exp:
             x = exp.ms["RNA"].X[LAYER]
             for a in range(0, len(joinids), chunk):
-                j = joinids[a : a + chunk]
-                lo, hi = int(j[0]), int(j[-1])
-                t = x.read(coords=(slice(lo, hi) if hi - lo + 1 == len(j) else j,)).tables().concat()
-                yield t.column("soma_dim_0").to_numpy(), t.column("soma_dim_1").to_numpy(), t.column("soma_data").to_numpy()
+                yield read_x_cells(x, joinids[a : a + chunk])
 
     def summary(self) -> dict[str, Any]:
         """What `hiceller info` prints: totals and cells per tissue / disease / cell type."""
@@ -433,6 +428,16 @@ class CorpusStore:
             "cells_per_cell_type": _sorted_counts(by["cell_type"]),
             "donors": len(by["donor_id"]),
         }
+
+
+def read_x_cells(x: "soma.SparseNDArray", jids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(soma_dim_0, soma_dim_1, soma_data)`` as numpy of the cells ``jids`` (sorted, unique) of X.
+
+    Consecutive joinids are one range read; any other set a point read of just those cells (cells
+    outside it are never decoded)."""
+    lo, hi = int(jids[0]), int(jids[-1])
+    t = x.read(coords=(slice(lo, hi) if hi - lo + 1 == len(jids) else jids,)).tables().concat()
+    return t.column("soma_dim_0").to_numpy(), t.column("soma_dim_1").to_numpy(), t.column("soma_data").to_numpy()
 
 
 def _sorted_counts(d: dict[str, int]) -> dict[str, int]:

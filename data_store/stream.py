@@ -47,7 +47,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_store.batching import pack, to_padded
-from data_store.store import LAYER, CorpusStore, soma_context
+from data_store.store import LAYER, CorpusStore, read_x_cells, soma_context
 from data_store.tokenize import TokenizedCells, Tokenizer
 from hiceller.errors import HicellerError, InputError
 
@@ -422,10 +422,7 @@ class _BlockReader:
         return self._pool.submit(self._read, jids)
 
     def _read(self, jids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        lo, hi = int(jids[0]), int(jids[-1])
-        coords = slice(lo, hi) if hi - lo + 1 == len(jids) else jids
-        t = self._x.read(coords=(coords,)).tables().concat()
-        return t.column("soma_dim_0").to_numpy(), t.column("soma_dim_1").to_numpy(), t.column("soma_data").to_numpy()
+        return read_x_cells(self._x, jids)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

@@ -43,7 +43,7 @@ def highly_variable_genes(store: CorpusStore, joinids: np.ndarray, n_top: int, c
         is_log[d.start : d.stop] = d.kind == "logexpr"
     total = np.zeros(n_genes)
     total_sq = np.zeros(n_genes)
-    n_cells = 0
+    n_cells = len(np.unique(joinids))  # cells without any non-zero count count too
     for d0, genes, values in store.iter_x_cells(joinids):
         v = values.astype(np.float64)
         log_rows = is_log[d0]
@@ -53,8 +53,6 @@ def highly_variable_genes(store: CorpusStore, joinids: np.ndarray, n_top: int, c
         v *= TARGET_SUM / np.maximum(lib, 1e-12)[local]
         total += np.bincount(genes, weights=v, minlength=n_genes)
         total_sq += np.bincount(genes, weights=v * v, minlength=n_genes)
-        n_cells += len(cells)
-    n_cells = max(n_cells, len(np.unique(joinids)))  # cells without any non-zero count too
     if n_cells < 2:
         raise InputError(f"need at least 2 training cells to pick variable genes, got {n_cells}")
     cand = np.asarray(candidates, dtype=np.int64)

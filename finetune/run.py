@@ -52,6 +52,22 @@ def _barrier(dist) -> None:
         torch.distributed.barrier()
 
 
+def _variable_genes(cfg: RunConfig, dist, store, train_joinids: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """Store gene ids of the ``finetune.n_hvg`` most variable training genes: read and computed once,
+    on rank 0, and sent to the other ranks (it is a pass over every training cell's X)."""
+    import torch
+
+    from finetune.genes import highly_variable_genes
+
+    hv = [None]
+    if dist.is_main:
+        print(f"selecting the {cfg.finetune.n_hvg} most variable genes over {len(train_joinids)} training cells", flush=True)
+        hv = [highly_variable_genes(store, train_joinids, cfg.finetune.n_hvg, candidates=candidates)]
+    if dist.world_size > 1:
+        torch.distributed.broadcast_object_list(hv, src=0)
+    return hv[0]
+
+
 def _select_cells(store, tissue: str | None, label_column: str) -> pd.DataFrame:
     if label_column != "cell_type":
         raise InputError(f"store obs has no label column {label_column!r}: store labels are in 'cell_type'")
@@ -156,13 +172,11 @@ def run_finetune(args: argparse.Namespace) -> int:
 
     input_genes = None
     if cfg.finetune.n_hvg:
-        from finetune.genes import highly_variable_genes
-
-        if dist.is_main:
-            print(f"selecting the {cfg.finetune.n_hvg} most variable genes over {len(split.train_idx)} training cells", flush=True)
-        hv = highly_variable_genes(store, joinids[split.train_idx], cfg.finetune.n_hvg, candidates=np.flatnonzero(gene_map >= 0))
-        gene_map = np.where(np.isin(np.arange(len(gene_map)), hv), gene_map, -1)
-        input_genes = [pre.vocab[i] for i in np.unique(gene_map[gene_map >= 0])]
+        hv = _variable_genes(cfg, dist, store, joinids[split.train_idx], np.flatnonzero(gene_map >= 0))
+        kept = gene_map[hv]
+        gene_map = np.full_like(gene_map, -1)
+        gene_map[hv] = kept
+        input_genes = [pre.vocab[i] for i in np.unique(kept)]
     ctx = _Context(cfg, args, dist, store_uri, joinids, labels_all, names, counts, gene_map, pre, out, input_genes)
     parent = Tracker(out, enabled=dist.is_main, tracking_uri=args.tracking_uri, run_name=f"finetune-{args.tissue or 'all'}")
     if dist.is_main:

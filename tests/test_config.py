@@ -86,6 +86,7 @@ def test_later_override_wins() -> None:
         ("train.mask_ratios=[0.5, 1.0]", "train.mask_ratios"),
         ("deepspeed.offload_params=true", "deepspeed.offload_params"),  # needs zero_stage 3
         ("finetune.loss=focal", "finetune.loss"),
+        ("finetune.n_hvg=-1", "finetune.n_hvg"),
         ("cluster.master_port=70000", "cluster.master_port"),
     ],
 )
