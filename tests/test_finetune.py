@@ -307,3 +307,48 @@ def test_finetune_on_variable_genes(world, tmp_path):
     b = ann.annotate(ad.AnnData(X=sp.csr_matrix(X), obs=q.obs.copy(), var=q.var.copy()))
     np.testing.assert_allclose(b.obsm["X_celler"], a.obsm["X_celler"], atol=1e-5)
     assert list(b.obs["celler_label"]) == list(a.obs["celler_label"])
+
+
+@pytest.mark.slow
+def test_finetune_on_two_ranks(world, tmp_path):
+    """`deepspeed --num_gpus 2 --module finetune`: both ranks train on their shard of the same split with the
+    same variable genes and the same hard set; rank 0 alone logs to MLflow and writes a bundle that annotates."""
+    from _ds import cleanup_shm, free_port
+
+    args = ["--store", str(world["store"]), "--pretrained", str(world["pre"]), "--tissue", world["tissue"], "--no-progress",
+            "--set=finetune.epochs=2", "--set=finetune.mining_rounds=1", "--set=finetune.mining_epochs=1",
+            "--set=finetune.n_hvg=100", "--set=finetune.mining_patience=5"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    cmds = {
+        one: [sys.executable, "-m", "finetune", "--out", str(one), *args],
+        two: [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "finetune",
+              "--out", str(two), *args],
+    }
+    for out, cmd in cmds.items():
+        try:
+            proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900, cwd=str(tmp_path))
+        finally:
+            cleanup_shm()
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # Same split and the same genes, whatever the number of ranks.
+    pd.testing.assert_frame_equal(pd.read_parquet(one / "split.parquet"), pd.read_parquet(two / "split.parquet"))
+    b1, b2 = load_bundle(one / "model"), load_bundle(two / "model")
+    assert b1.input_genes == b2.input_genes and b1.labels == b2.labels
+    verify_bundle(two / "model")
+    # Each rank reads its half of the training cells per epoch (micro batches of 16, the last one wrapped):
+    # about half the optimizer steps of one rank, at twice the global batch.
+    n_train = int((pd.read_parquet(one / "split.parquet")["split"] == "train").sum())
+    steps = {out: len((out / "phase1" / "metrics.jsonl").read_text().splitlines()) for out in (one, two)}
+    assert steps == {one: 2 * -(-n_train // 16), two: 2 * -(-(-(-n_train // 2)) // 16)}, (n_train, steps)
+    # Round 1 ran on the hard set (chosen on every rank from the same predictions of all training cells;
+    # were they to differ, the ranks' step counts would too and the run would hang).
+    assert len(pd.read_parquet(two / "round1" / "hard_cells.parquet")) > 0
+    assert len((two / "round1" / "metrics.jsonl").read_text().splitlines()) >= 1
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{two / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert sorted(r.data.tags.get("mlflow.runName") for r in runs) == sorted(["finetune-" + world["tissue"], "phase1", "round1"])
+    q = query_h5ad(tmp_path / "q.h5ad", world["tissue"], n=40)
+    out = Annotator.load(two / "model").annotate(ad.read_h5ad(q))
+    assert out.obsm["X_celler"].shape == (40, b2.model_cfg.d_model) and out.obs["celler_label"].notna().all()
