@@ -202,6 +202,63 @@ def build_real_queries(out: Path, data: Path, seed: int = 0) -> tuple[dict[str, 
     return paths, sorted(mixed.var_names.astype(str))
 
 
+def batch_lengths(ann, adata, batch_size: int) -> list[np.ndarray]:
+    """Cell lengths (tokens incl. ``<cls>``) of each batch the Annotator would run, without running it."""
+    from data_store.batching import pack
+
+    got: list[np.ndarray] = []
+
+    def record(tok, budget):
+        b = pack(tok)
+        got.append(b.seqlens.numpy().copy())
+        return np.zeros((b.n_cells, len(ann.labels))), np.zeros((b.n_cells, ann.bundle.model_cfg.d_model))
+
+    ann._predict = record
+    try:
+        for _ in ann.iter_predictions(adata, batch_size=batch_size, min_overlap=0.0):
+            pass
+    finally:
+        del ann._predict
+    return got
+
+
+def ad_read_var(path: Path) -> list[str]:
+    import anndata as ad
+
+    return ad.read_h5ad(path, backed="r").var_names.astype(str).tolist()
+
+
+def layout_flops(args, log, paths: dict[str, Path], vocab: list[str], tag: str) -> dict:
+    """Tokens and forward FLOPs, packed vs padded, on the queries ``paths`` (no model run): the ceiling of
+    packed/padded for the debug and base architectures at max_genes 256 and 1200."""
+    import anndata as ad
+
+    from finetune.annotate import Annotator
+    from hiceller.config import load_config
+
+    cfgs = {s: load_config(s).model for s in ("debug", "base")}
+    res: dict = {}
+    for max_genes in (256, 1200):
+        bundle = build_bundle(args.out / f"bundle_{tag}_debug_g{max_genes}", "debug", vocab, [f"class{i}" for i in range(20)],
+                              [1] * 20, max_genes=max_genes)
+        ann = Annotator.load(bundle)
+        for name, path in paths.items():
+            full = ad.read_h5ad(path, backed="r")
+            adata = full[: min(args.speed_cells, full.n_obs)].to_memory()
+            batches = batch_lengths(ann, adata, args.batch_size)
+            real = sum(int(b.sum()) for b in batches)
+            padded = sum(len(b) * int(b.max()) for b in batches)
+            r = {"cells": adata.n_obs, "pad_overhead": padded / real, "median_length": float(np.median(np.concatenate(batches)))}
+            for arch, cfg in cfgs.items():
+                packed_f = sum(forward_flops(cfg, b) for b in batches)
+                padded_f = sum(forward_flops(cfg, b, pad_to=int(b.max())) for b in batches)
+                r[f"flop_ratio_{arch}"] = padded_f / packed_f
+            res[f"{name}@{max_genes}"] = r
+            log(f"{name} max_genes {max_genes}: {r['cells']} cells, median length {r['median_length']:.0f}, padded/real tokens "
+                f"{r['pad_overhead']:.2f}, padded/packed FLOPs debug {r['flop_ratio_debug']:.2f}, base {r['flop_ratio_base']:.2f}")
+    return res
+
+
 def real_bench(args, log) -> dict:
     """Packed vs padded, debug architecture, on real cells (lengths vary) at max_genes 256 and 1200."""
     import anndata as ad
@@ -217,6 +274,7 @@ def real_bench(args, log) -> dict:
             res[f"{name}@{max_genes}"] = r
             log(f"real {name} max_genes {max_genes}: {n} cells, packed {r['packed_cells_s']:.0f} cells/s, padded "
                 f"{r['padded_cells_s']:.0f}, ratio {r['ratio']:.2f}x, padded/real tokens {r['pad_overhead']:.2f}, "
+                f"padded/packed FLOPs {r['flop_ratio']:.2f}, "
                 f"argmax agree {r['check_argmax_agree']:.3f}")
     return res
 
@@ -247,17 +305,32 @@ def padded_annotator(ann):
     return PaddedAnnotator(ann)
 
 
-def run_preds(ann, adata, batch_size: int) -> tuple[float, np.ndarray, np.ndarray, int, int]:
-    """(seconds, probs, argmax, real tokens, padded tokens) over all cells of ``adata``."""
+def forward_flops(cfg, lengths: np.ndarray, pad_to: int | None = None) -> float:
+    """Forward matmul FLOPs of the encoder on cells of these lengths (``pretrain.flops``, /3 for
+    forward only); with ``pad_to`` every cell counts as that long, as in the padded layout."""
+    from pretrain.flops import model_flops_per_token, token_weighted_seqlen
+
+    lengths = np.full(len(lengths), pad_to) if pad_to is not None else np.asarray(lengths)
+    tokens = float(lengths.sum())
+    return tokens * model_flops_per_token(cfg, token_weighted_seqlen(lengths.tolist()), 1) / 3
+
+
+def run_preds(ann, adata, batch_size: int) -> tuple[float, np.ndarray, np.ndarray, dict]:
+    """(seconds, probs, argmax, counts) over all cells of ``adata``; counts holds the real and padded
+    tokens and the forward FLOPs of both layouts."""
     from data_store.batching import pack
 
-    toks = {"real": 0, "padded": 0}
+    cfg = ann.bundle.model_cfg
+    counts = {"real": 0, "padded": 0, "flops_packed": 0.0, "flops_padded": 0.0}
     orig = ann._predict
 
     def counting(tok, budget):
         b = pack(tok)
-        toks["real"] += b.n_tokens
-        toks["padded"] += b.n_cells * b.max_seqlen
+        lengths = b.seqlens.numpy()
+        counts["real"] += b.n_tokens
+        counts["padded"] += b.n_cells * b.max_seqlen
+        counts["flops_packed"] += forward_flops(cfg, lengths)
+        counts["flops_padded"] += forward_flops(cfg, lengths, pad_to=b.max_seqlen)
         return orig(tok, budget)
 
     ann._predict = counting
@@ -268,7 +341,20 @@ def run_preds(ann, adata, batch_size: int) -> tuple[float, np.ndarray, np.ndarra
     finally:
         del ann._predict
     p = np.concatenate(probs)
-    return dt, p, p.argmax(1), toks["real"], toks["padded"]
+    return dt, p, p.argmax(1), counts
+
+
+def layout_figures(counts: dict) -> dict:
+    """Tokens and forward FLOPs of both layouts; ``flop_ratio`` (padded / packed) is the most packing
+    can gain with kernels whose cost is their FLOPs."""
+    return {
+        "tokens_real": counts["real"],
+        "tokens_padded": counts["padded"],
+        "pad_overhead": counts["padded"] / max(counts["real"], 1),
+        "flops_packed": counts["flops_packed"],
+        "flops_padded": counts["flops_padded"],
+        "flop_ratio": counts["flops_padded"] / max(counts["flops_packed"], 1.0),
+    }
 
 
 def side_by_side(bundle: Path, h5ad: Path, n: int, batch_size: int, reps: int, check: int) -> dict:
@@ -282,16 +368,16 @@ def side_by_side(bundle: Path, h5ad: Path, n: int, batch_size: int, reps: int, c
     adata = full[:n].to_memory()  # the same in-memory cells for both paths
     # Equality check on a sample, before timing.
     sample = adata[: min(check, n)].copy()
-    _, p1, a1, _, _ = run_preds(ann, sample, batch_size)
-    _, p2, a2, _, _ = run_preds(pad, sample, batch_size)
+    _, p1, a1, _ = run_preds(ann, sample, batch_size)
+    _, p2, a2, _ = run_preds(pad, sample, batch_size)
     agree = float((a1 == a2).mean())
     maxdiff = float(np.abs(p1 - p2).max())
     t_packed, t_padded = [], []
-    real = padded = 0
+    counts: dict = {}
     for r in range(reps):  # interleaved: both paths see the same machine load
         order = [(ann, t_packed), (pad, t_padded)] if r % 2 == 0 else [(pad, t_padded), (ann, t_packed)]
         for a, ts in order:
-            dt, _, _, real, padded = run_preds(a, adata, batch_size)
+            dt, _, _, counts = run_preds(a, adata, batch_size)
             ts.append(dt)
     mp, md = statistics.median(t_packed), statistics.median(t_padded)
     return {
@@ -302,9 +388,7 @@ def side_by_side(bundle: Path, h5ad: Path, n: int, batch_size: int, reps: int, c
         "ratio": md / mp,
         "packed_s": t_packed,
         "padded_s": t_padded,
-        "tokens_real": real,
-        "tokens_padded": padded,
-        "pad_overhead": padded / max(real, 1),
+        **layout_figures(counts),
         "check_cells": len(a1),
         "check_argmax_agree": agree,
         "check_max_abs_prob_diff": maxdiff,
@@ -394,6 +478,8 @@ def main() -> None:
     ap.add_argument("--real", metavar="DATA_DIR", nargs="?", const=str(ROOT.parent / "shared" / "data"),
                     help="only packed vs padded on the real *_counts*.h5ad files of DATA_DIR (default ../shared/data)")
     ap.add_argument("--child", nargs=2, metavar=("BUNDLE", "H5AD"), help=argparse.SUPPRESS)
+    ap.add_argument("--flops-only", action="store_true",
+                    help="tokens and forward FLOPs of both layouts on --speed-cells cells of the query (or, with --real, the real ones); no timing")
     args = ap.parse_args()
     if args.child:
         child(args.child[0], args.child[1], args.batch_size)
@@ -403,11 +489,22 @@ def main() -> None:
     _threads(2)
     args.out.mkdir(parents=True, exist_ok=True)
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
+    if args.flops_only:
+        if args.real:
+            paths, vocab = build_real_queries(args.out / "real", Path(args.real))
+        else:
+            query = build_query(args.out / f"query_{args.cells}.h5ad", args.cells, args.genes)
+            paths, vocab = {"synthetic": query}, list(ad_read_var(query))
+        res = layout_flops(args, log, paths, vocab, "real" if args.real else "synth")
+        (args.out / f"flops_{'real' if args.real else 'synthetic'}.json").write_text(json.dumps(res, indent=1, default=float))
+        print(json.dumps({k: {m: round(v, 3) for m, v in r.items()} for k, r in res.items()}))
+        return
     if args.real:
         res = real_bench(args, log)
         (args.out / "results_real.json").write_text(json.dumps(res, indent=1, default=float))
         print(json.dumps({k: {"packed_cells_s": round(v["packed_cells_s"], 1), "packed_over_padded": round(v["ratio"], 3),
-                              "padded_over_real_tokens": round(v["pad_overhead"], 3), "argmax_agree": v["check_argmax_agree"]}
+                              "padded_over_real_tokens": round(v["pad_overhead"], 3), "padded_over_packed_flops": round(v["flop_ratio"], 3),
+                              "argmax_agree": v["check_argmax_agree"]}
                           for k, v in res.items()}))
         return
 
