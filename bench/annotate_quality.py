@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+HICELLER = str(Path(sys.executable).with_name("hiceller"))  # this interpreter's entry point, activated or not
 XIN_ALIAS = {"alpha": "alpha", "beta": "beta", "gamma": "gamma", "pp": "gamma", "delta": "delta"}  # Xin name (lower) -> Baron name
 
 
@@ -126,14 +127,14 @@ def run_celler(method, train, test, seed, pre, rnd, epochs, out: Path, max_genes
     # the folder names every setting, so a run made with other settings is never reused
     o = out / (f"{train.stem}_{method}_s{seed}_e{epochs}_g{max_genes or 'pre'}" + (f"_hvg{n_hvg}" if n_hvg else ""))
     if not (o / "model").exists():
-        cmd = ["hiceller", "finetune", "--h5ad", str(train), "--pretrained", str(pre if which == "pretrained" else rnd),
+        cmd = [HICELLER, "finetune", "--h5ad", str(train), "--pretrained", str(pre if which == "pretrained" else rnd),
                "--out", str(o), "--no-progress", "--set", f"train.seed={seed}", "--set", f"finetune.epochs={epochs}",
                "--set", f"finetune.mining_epochs={max(1, epochs // 2)}"]
         for s in sets + ([f"data.max_genes={max_genes}"] if max_genes else []) + [f"finetune.n_hvg={n_hvg}"]:
             cmd += ["--set", s]
         print("$", " ".join(cmd), file=sys.stderr, flush=True)
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    cmd = ["hiceller", "evaluate", "--model", str(o), "--input", str(test), "--json", "--out", str(o / "eval")]
+    cmd = [HICELLER, "evaluate", "--model", str(o), "--input", str(test), "--json", "--out", str(o / "eval")]
     print("$", " ".join(cmd), file=sys.stderr, flush=True)
     res = subprocess.run(cmd, check=True, capture_output=True, text=True)
     r = json.loads(res.stdout.strip().splitlines()[-1])
@@ -147,7 +148,7 @@ def prepare(pretrained: Path, random: Path, steps: int) -> None:
     1-step run as the random initialisation of method b (R). Same commands as in bench/RESULTS.md."""
     if (pretrained / "checkpoints").is_dir() and (random / "checkpoints").is_dir():
         return
-    bin_ = Path(sys.executable).with_name("hiceller")
+    bin_ = HICELLER
     store = pretrained.parent / "S"
     run = lambda *a: subprocess.run([str(bin_), *map(str, a), "--no-progress"], check=True)  # noqa: E731
     if not (store / "obs").exists():
