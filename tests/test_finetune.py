@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from _ds import cleanup_shm, free_port, hc
 from _ds import ds_env as _env
-from _ds import hc
 from data_store.synth import SynthSpec, SyntheticCorpus
 from finetune.annotate import UNASSIGNED, Annotator
 from finetune.bundle import load_bundle, verify_bundle
@@ -313,8 +313,6 @@ def test_finetune_on_variable_genes(world, tmp_path):
 def test_finetune_on_two_ranks(world, tmp_path):
     """`deepspeed --num_gpus 2 --module finetune`: both ranks train on their shard of the same split with the
     same variable genes and the same hard set; rank 0 alone logs to MLflow and writes a bundle that annotates."""
-    from _ds import cleanup_shm, free_port
-
     args = ["--store", str(world["store"]), "--pretrained", str(world["pre"]), "--tissue", world["tissue"], "--no-progress",
             "--set=finetune.epochs=2", "--set=finetune.mining_rounds=1", "--set=finetune.mining_epochs=1",
             "--set=finetune.n_hvg=100", "--set=finetune.mining_patience=5"]
