@@ -25,6 +25,8 @@ What it does (everything under ``--out``, default ``bench/out/annotate``; nothin
 Usage: ``python bench/annotate_speed.py [--quick] [--cells 100000] [--base-cells 16] [--reps 3]``;
 ``--real [DATA_DIR]``: instead, packed vs padded on the real counts files of ../shared/data, each alone
 and all stacked and shuffled (``mixed``), with randomly initialised debug bundles at max_genes 256 and 1200.
+``--flops-only`` (with or without ``--real``): no timing; the tokens and forward FLOPs of both layouts over the
+batches the Annotator runs, i.e. the most packing can gain on that query (debug and base architectures).
 ``--quick``: 5k cells, debug size only. Ends with one JSON line.
 """
 
@@ -222,7 +224,8 @@ def batch_lengths(ann, adata, batch_size: int) -> list[np.ndarray]:
     return got
 
 
-def ad_read_var(path: Path) -> list[str]:
+def var_names(path: Path) -> list[str]:
+    """The gene names of an .h5ad file (read backed: X stays on disk)."""
     import anndata as ad
 
     return ad.read_h5ad(path, backed="r").var_names.astype(str).tolist()
@@ -494,7 +497,7 @@ def main() -> None:
             paths, vocab = build_real_queries(args.out / "real", Path(args.real))
         else:
             query = build_query(args.out / f"query_{args.cells}.h5ad", args.cells, args.genes)
-            paths, vocab = {"synthetic": query}, list(ad_read_var(query))
+            paths, vocab = {"synthetic": query}, var_names(query)
         res = layout_flops(args, log, paths, vocab, "real" if args.real else "synth")
         (args.out / f"flops_{'real' if args.real else 'synthetic'}.json").write_text(json.dumps(res, indent=1, default=float))
         print(json.dumps({k: {m: round(v, 3) for m, v in r.items()} for k, r in res.items()}))
@@ -511,9 +514,7 @@ def main() -> None:
     query = build_query(args.out / f"query_{args.cells}.h5ad", args.cells, args.genes)
     small = head_h5ad(query, args.out / f"query_{args.cells}_head{args.rss_small}.h5ad", args.rss_small)
     classes, counts = top_classes(query, args.classes)
-    import anndata as ad
-
-    vocab = list(ad.read_h5ad(query, backed="r").var_names.astype(str))
+    vocab = var_names(query)
     res: dict = {"cells": args.cells, "genes": args.genes, "classes": len(classes), "torch_threads": 2, "untrained_bundles": True}
     sizes = ["debug"] + ([] if args.no_base else ["base"])
     bundles = {s: build_bundle(args.out / f"bundle_{s}_{args.genes}", s, vocab, classes, counts) for s in sizes}
