@@ -148,9 +148,8 @@ def prepare(pretrained: Path, random: Path, steps: int) -> None:
     1-step run as the random initialisation of method b (R). Same commands as in bench/RESULTS.md."""
     if (pretrained / "checkpoints").is_dir() and (random / "checkpoints").is_dir():
         return
-    bin_ = HICELLER
     store = pretrained.parent / "S"
-    run = lambda *a: subprocess.run([str(bin_), *map(str, a), "--no-progress"], check=True)  # noqa: E731
+    run = lambda *a: subprocess.run([HICELLER, *map(str, a), "--no-progress"], check=True)  # noqa: E731
     if not (store / "obs").exists():
         run("synth", "--store", store, "--cells", 5000, "--genes", 2000, "--seed", 0)
         run("ingest", "--store", store, *sorted(DATA.glob("*.h5ad")), "--skip-existing")

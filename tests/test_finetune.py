@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -311,8 +312,8 @@ def test_finetune_on_variable_genes(world, tmp_path):
 
 @pytest.mark.slow
 def test_finetune_on_two_ranks(world, tmp_path):
-    """`deepspeed --num_gpus 2 --module finetune`: both ranks train on their shard of the same split with the
-    same variable genes and the same hard set; rank 0 alone logs to MLflow and writes a bundle that annotates."""
+    """`deepspeed --num_gpus 2 --module finetune`: the same split and variable genes as one rank, each rank
+    training on its half, a mining round; rank 0 alone logs to MLflow and writes a bundle that annotates."""
     args = ["--store", str(world["store"]), "--pretrained", str(world["pre"]), "--tissue", world["tissue"], "--no-progress",
             "--set=finetune.epochs=2", "--set=finetune.mining_rounds=1", "--set=finetune.mining_epochs=1",
             "--set=finetune.n_hvg=100", "--set=finetune.mining_patience=5"]
@@ -337,7 +338,8 @@ def test_finetune_on_two_ranks(world, tmp_path):
     # about half the optimizer steps of one rank, at twice the global batch.
     n_train = int((pd.read_parquet(one / "split.parquet")["split"] == "train").sum())
     steps = {out: len((out / "phase1" / "metrics.jsonl").read_text().splitlines()) for out in (one, two)}
-    assert steps == {one: 2 * -(-n_train // 16), two: 2 * -(-(-(-n_train // 2)) // 16)}, (n_train, steps)
+    per_rank = math.ceil(n_train / 2)
+    assert steps == {one: 2 * math.ceil(n_train / 16), two: 2 * math.ceil(per_rank / 16)}, (n_train, steps)
     # Round 1 ran on the hard set (chosen on every rank from the same predictions of all training cells;
     # were they to differ, the ranks' step counts would too and the run would hang).
     assert len(pd.read_parquet(two / "round1" / "hard_cells.parquet")) > 0
