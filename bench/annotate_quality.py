@@ -122,15 +122,17 @@ METHODS = {
 }
 
 
-def run_celler(method, train, test, seed, pre, rnd, epochs, out: Path, max_genes: int | None = None, n_hvg: int = 0) -> dict:
+def run_celler(method, train, test, seed, pre, rnd, epochs, out: Path, max_genes: int | None = None, n_hvg: int = 0,
+               extra: list[str] = ()) -> dict:
     which, sets = METHODS[method]
     # the folder names every setting, so a run made with other settings is never reused
-    o = out / (f"{train.stem}_{method}_s{seed}_e{epochs}_g{max_genes or 'pre'}" + (f"_hvg{n_hvg}" if n_hvg else ""))
+    o = out / (f"{train.stem}_{method}_s{seed}_e{epochs}_g{max_genes or 'pre'}" + (f"_hvg{n_hvg}" if n_hvg else "")
+               + "".join("_" + s.removeprefix("finetune.").replace("=", "") for s in extra))
     if not (o / "model").exists():
         cmd = [HICELLER, "finetune", "--h5ad", str(train), "--pretrained", str(pre if which == "pretrained" else rnd),
                "--out", str(o), "--no-progress", "--set", f"train.seed={seed}", "--set", f"finetune.epochs={epochs}",
                "--set", f"finetune.mining_epochs={max(1, epochs // 2)}"]
-        for s in sets + ([f"data.max_genes={max_genes}"] if max_genes else []) + [f"finetune.n_hvg={n_hvg}"]:
+        for s in sets + ([f"data.max_genes={max_genes}"] if max_genes else []) + [f"finetune.n_hvg={n_hvg}", *extra]:
             cmd += ["--set", s]
         print("$", " ".join(cmd), file=sys.stderr, flush=True)
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
@@ -173,6 +175,8 @@ def main() -> int:
     p.add_argument("--pretrain-steps", type=int, default=1500, help="steps of P when it has to be made")
     p.add_argument("--max-genes", type=int, default=512, help="genes per cell when fine-tuning and annotating (0: the pretrained value)")
     p.add_argument("--n-hvg", type=int, default=0, help="fine-tune Celler on the N most variable training genes (finetune.n_hvg; 0: all)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="one more config override for every Celler run (e.g. finetune.ginf_mu=-1); named in the run folder")
     p.add_argument("--quick", action="store_true", help="baron, seed 0, 1 epoch, methods a and e")
     a = p.parse_args()
     if a.quick:
@@ -185,7 +189,7 @@ def main() -> int:
         for m in a.methods:
             for s in a.seeds:
                 t0 = time.time()
-                r = run_logreg(tr, te, s) if m == "a" else run_celler(m, tr, te, s, a.pretrained, a.random, a.epochs, a.work, a.max_genes or None, a.n_hvg)
+                r = run_logreg(tr, te, s) if m == "a" else run_celler(m, tr, te, s, a.pretrained, a.random, a.epochs, a.work, a.max_genes or None, a.n_hvg, a.sets)
                 r.update(task=t, method=m, seed=s, seconds=round(time.time() - t0, 1))
                 rows.append(r)
                 print(json.dumps(r), file=sys.stderr, flush=True)
@@ -199,7 +203,7 @@ def main() -> int:
                 d[k] = [round(float(np.mean(v)), 4), round(float(np.std(v)), 4)] if v else None
             d["n_seeds"] = len(sel)
             agg[f"{t}/{m}"] = d
-    print(json.dumps({"bench": "annotate_quality", "epochs": a.epochs, "max_genes": a.max_genes, "n_hvg": a.n_hvg, "results": agg}))
+    print(json.dumps({"bench": "annotate_quality", "epochs": a.epochs, "max_genes": a.max_genes, "n_hvg": a.n_hvg, "sets": a.sets, "results": agg}))
     return 0
 
 

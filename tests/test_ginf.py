@@ -113,3 +113,44 @@ def test_factory_and_counts() -> None:
         make_classification_loss("focal", counts)
     with pytest.raises(ValueError):
         class_counts_from_labels([0, 4], n_classes=4)
+
+
+def _learned_prior(counts: list[int], mu: float, sigma: float, steps: int = 1500) -> np.ndarray:
+    """The class distribution a bias-only model learns under GInf: softmax of the fitted logits."""
+    n = torch.tensor(counts)
+    y = torch.repeat_interleave(torch.arange(len(counts)), n)
+    bias = torch.zeros(len(counts), requires_grad=True)
+    loss = GInfLoss(n, mu=mu, sigma=sigma, generator=torch.Generator().manual_seed(0)).train()
+    opt = torch.optim.Adam([bias], lr=0.05)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss(bias.expand(len(y), -1), y).backward()
+        opt.step()
+    return torch.softmax(bias.detach(), 0).numpy()
+
+
+def test_mean_zero_noise_lowers_the_rare_prior() -> None:
+    """In expectation, zero-mean inflation adds about delta_c^2 sigma^2 / 2 to class c's logit inside
+    the softmax while training, so the plain logits used at test time learn to give rare classes *less*
+    mass than their training share; the published default (mu=0) therefore leans against rare classes."""
+    counts = [1000, 100, 10]
+    prior = np.array(counts) / sum(counts)
+    ce = _learned_prior(counts, mu=0.0, sigma=0.0)
+    np.testing.assert_allclose(ce, prior, atol=2e-3)
+    small, large = _learned_prior(counts, 0.0, 0.1), _learned_prior(counts, 0.0, 0.5)
+    assert large[2] < small[2] < ce[2]
+    # second-order estimate of the rarest class's log-odds shift against the largest: -delta^2 sigma^2 / 2
+    delta = np.log(1000 / 10)
+    shift = np.log(large[2] / large[0]) - np.log(prior[2] / prior[0])
+    assert -delta**2 * 0.5**2 / 2 * 1.5 < shift < -delta**2 * 0.5**2 / 2 * 0.5
+
+
+def test_mu_minus_one_without_noise_is_the_logit_adjusted_loss(batch: tuple[torch.Tensor, torch.Tensor, np.ndarray]) -> None:
+    """mu=-1, sigma=0 shifts every logit by log N_c - log N_max = log pi_c + const: the logit-adjusted
+    cross-entropy of Menon et al. (2021), whose bias-only fit is the uniform prior (balanced error)."""
+    logits, targets, counts = batch
+    ginf = GInfLoss(counts, mu=-1.0, sigma=0.0).train()
+    log_prior = torch.log(torch.as_tensor(counts, dtype=torch.float32).clamp_min(1) / counts.sum())
+    expected = nn.functional.cross_entropy(logits + log_prior, targets, ignore_index=-100)
+    torch.testing.assert_close(ginf(logits, targets), expected)
+    np.testing.assert_allclose(_learned_prior([1000, 100, 10], mu=-1.0, sigma=0.0), [1 / 3] * 3, atol=2e-3)
