@@ -111,7 +111,20 @@ def run_logreg(train: Path, test: Path, seed: int) -> dict:
     proba[:, clf.classes_] = clf.predict_proba(Xb)
     counts = np.bincount(ya, minlength=len(names))
     r = classification_report(yb[k], proba[k].argmax(1), proba[k], names, counts)
-    return {"accuracy": r["accuracy"], "macro_f1": r["macro_f1"], "rare_class_f1": r["rare_class_f1"], "genes": len(genes)}
+    return {"accuracy": r["accuracy"], "macro_f1": r["macro_f1"], "rare_class_f1": r["rare_class_f1"], "genes": len(genes),
+            **over_test_classes(r)}
+
+
+def over_test_classes(report: dict) -> dict:
+    """The report read over the classes of the test set only. The metrics above average over the classes
+    present in the labels *or* the predictions (sklearn's default), so one cell predicted as a type the
+    test donor lacks adds a class with F1 0 to both means; ``phantom`` names those types."""
+    f1, support = report["per_class_f1"], report["per_class_support"]
+    real = [c for c in f1 if support[c] > 0]
+    rare = [c for c in report["rare_classes"] if support[c] > 0]
+    return {"phantom": sorted(c for c in f1 if support[c] == 0),
+            "macro_f1_test_classes": float(np.mean([f1[c] for c in real])),
+            "rare_class_f1_test_classes": float(np.mean([f1[c] for c in rare])) if rare else None}
 
 
 METHODS = {
@@ -127,7 +140,8 @@ def run_celler(method, train, test, seed, pre, rnd, epochs, out: Path, max_genes
     which, sets = METHODS[method]
     # the folder names every setting, so a run made with other settings is never reused
     o = out / (f"{train.stem}_{method}_s{seed}_e{epochs}_g{max_genes or 'pre'}" + (f"_hvg{n_hvg}" if n_hvg else "")
-               + "".join("_" + s.removeprefix("finetune.").replace("=", "") for s in extra))
+               + "".join("_" + s.removeprefix("finetune.").replace("=", "") for s in extra)
+               + (f"_{pre.name}" if which == "pretrained" and pre.name != "P" else ""))
     if not (o / "model").exists():
         cmd = [HICELLER, "finetune", "--h5ad", str(train), "--pretrained", str(pre if which == "pretrained" else rnd),
                "--out", str(o), "--no-progress", "--set", f"train.seed={seed}", "--set", f"finetune.epochs={epochs}",
@@ -141,7 +155,8 @@ def run_celler(method, train, test, seed, pre, rnd, epochs, out: Path, max_genes
     res = subprocess.run(cmd, check=True, capture_output=True, text=True)
     r = json.loads(res.stdout.strip().splitlines()[-1])
     summ = json.loads((o / "summary.json").read_text())
-    return {"accuracy": r["accuracy"], "macro_f1": r["macro_f1"], "rare_class_f1": r["rare_class_f1"], "best_round": summ["round"]}
+    return {"accuracy": r["accuracy"], "macro_f1": r["macro_f1"], "rare_class_f1": r["rare_class_f1"], "best_round": summ["round"],
+            **over_test_classes(r)}
 
 
 def prepare(pretrained: Path, random: Path, steps: int) -> None:
@@ -198,10 +213,11 @@ def main() -> int:
         for m in a.methods:
             sel = [r for r in rows if r["task"] == t and r["method"] == m]
             d = {}
-            for k in ("accuracy", "macro_f1", "rare_class_f1"):
+            for k in ("accuracy", "macro_f1", "rare_class_f1", "macro_f1_test_classes", "rare_class_f1_test_classes"):
                 v = [r[k] for r in sel if r[k] is not None]
                 d[k] = [round(float(np.mean(v)), 4), round(float(np.std(v)), 4)] if v else None
             d["n_seeds"] = len(sel)
+            d["phantom_per_seed"] = round(float(np.mean([len(r["phantom"]) for r in sel])), 2) if sel else None
             agg[f"{t}/{m}"] = d
     print(json.dumps({"bench": "annotate_quality", "epochs": a.epochs, "max_genes": a.max_genes, "n_hvg": a.n_hvg, "sets": a.sets, "results": agg}))
     return 0

@@ -154,3 +154,23 @@ def test_labelled_report_leaves_out_unknown_labels() -> None:
     assert report["accuracy"] == pytest.approx(2 / 3)
     with pytest.raises(ValueError, match="none of the cells"):
         labelled_report(np.array([-1, -1]), proba[:2], ["a", "b"], [50, 50])
+
+
+def test_benchmark_reads_the_report_over_test_classes() -> None:
+    """bench/annotate_quality.py's second reading: a type predicted but absent from the test labels
+    (a phantom) counts as F1 0 in the report's means and is left out of the test-class means."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("aq", Path(__file__).parents[1] / "bench" / "annotate_quality.py")
+    aq = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(aq)
+    names = ["big", "mid", "rare_a", "rare_b"]
+    y_true = np.array([0] * 8 + [1] * 4 + [2])
+    y_pred = np.array([0] * 7 + [3] + [1] * 4 + [2])  # one big cell called rare_b, which the test set lacks
+    report = classification_report(y_true, y_pred, None, names, np.array([900, 95, 3, 2]))
+    assert report["rare_classes"] == ["rare_a", "rare_b"] and report["rare_class_f1"] == pytest.approx(0.5)
+    view = aq.over_test_classes(report)
+    assert view["phantom"] == ["rare_b"]
+    assert view["rare_class_f1_test_classes"] == pytest.approx(1.0)
+    assert view["macro_f1_test_classes"] == pytest.approx(np.mean([f1_score(y_true == 0, y_pred == 0), 1.0, 1.0]))
+    assert report["macro_f1"] == pytest.approx(view["macro_f1_test_classes"] * 3 / 4)
