@@ -122,7 +122,8 @@ def over_test_classes(report: dict) -> dict:
     f1, support = report["per_class_f1"], report["per_class_support"]
     real = [c for c in f1 if support[c] > 0]
     rare = [c for c in report["rare_classes"] if support[c] > 0]
-    return {"phantom": sorted(c for c in f1 if support[c] == 0),
+    return {"per_class_f1": f1, "test_cells": support, "train_cells": report["per_class_train_count"],
+            "phantom": sorted(c for c in f1 if support[c] == 0),
             "macro_f1_test_classes": float(np.mean([f1[c] for c in real])),
             "rare_class_f1_test_classes": float(np.mean([f1[c] for c in rare])) if rare else None}
 
@@ -150,10 +151,12 @@ def run_celler(method, train, test, seed, pre, rnd, epochs, out: Path, max_genes
             cmd += ["--set", s]
         print("$", " ".join(cmd), file=sys.stderr, flush=True)
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    cmd = [HICELLER, "evaluate", "--model", str(o), "--input", str(test), "--json", "--out", str(o / "eval")]
-    print("$", " ".join(cmd), file=sys.stderr, flush=True)
-    res = subprocess.run(cmd, check=True, capture_output=True, text=True)
-    r = json.loads(res.stdout.strip().splitlines()[-1])
+    saved = o / "eval" / "metrics.json"  # what `evaluate --out` wrote last time; delete eval/ to re-run it
+    if not saved.exists():
+        cmd = [HICELLER, "evaluate", "--model", str(o), "--input", str(test), "--json", "--out", str(o / "eval")]
+        print("$", " ".join(cmd), file=sys.stderr, flush=True)
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    r = json.loads(saved.read_text())
     summ = json.loads((o / "summary.json").read_text())
     return {"accuracy": r["accuracy"], "macro_f1": r["macro_f1"], "rare_class_f1": r["rare_class_f1"], "best_round": summ["round"],
             **over_test_classes(r)}
@@ -178,6 +181,22 @@ def prepare(pretrained: Path, random: Path, steps: int) -> None:
             "--set", "train.checkpoint_every=1")
 
 
+def per_class_table(rows: list[dict], methods: list[str]) -> str:
+    """Markdown: one row per class, rarest first; F1 per method as the mean over the seeds whose report
+    holds the class (a phantom counts as 0), with "-" where no seed's report holds it."""
+    train, test = {}, {}
+    for r in rows:  # the largest count seen: (a) counts the whole training file, Celler its training split
+        for c, n in r["train_cells"].items():
+            train[c] = max(train.get(c, 0), n)
+        test.update(r["test_cells"])
+    lines = ["| class | train cells | test cells | " + " | ".join(f"({m})" for m in methods) + " |",
+             "|---|---:|---:|" + "---:|" * len(methods)]
+    for c in sorted(train, key=lambda c: (train[c], c)):
+        f1 = [[r["per_class_f1"][c] for r in rows if r["method"] == m and c in r["per_class_f1"]] for m in methods]
+        lines.append(f"| {c} | {train[c]} | {test.get(c, 0)} | " + " | ".join(f"{np.mean(v):.2f}" if v else "-" for v in f1) + " |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--pretrained", type=Path, default=Path("bench/out/aq/P"))
@@ -192,6 +211,7 @@ def main() -> int:
     p.add_argument("--n-hvg", type=int, default=0, help="fine-tune Celler on the N most variable training genes (finetune.n_hvg; 0: all)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="one more config override for every Celler run (e.g. finetune.ginf_mu=-1); named in the run folder")
+    p.add_argument("--per-class", action="store_true", help="also print each task's per-class F1 table (markdown, stdout)")
     p.add_argument("--quick", action="store_true", help="baron, seed 0, 1 epoch, methods a and e")
     a = p.parse_args()
     if a.quick:
@@ -207,7 +227,11 @@ def main() -> int:
                 r = run_logreg(tr, te, s) if m == "a" else run_celler(m, tr, te, s, a.pretrained, a.random, a.epochs, a.work, a.max_genes or None, a.n_hvg, a.sets)
                 r.update(task=t, method=m, seed=s, seconds=round(time.time() - t0, 1))
                 rows.append(r)
-                print(json.dumps(r), file=sys.stderr, flush=True)
+                print(json.dumps({k: v for k, v in r.items() if k not in ("per_class_f1", "test_cells", "train_cells")}),
+                      file=sys.stderr, flush=True)
+    if a.per_class:
+        for t in a.tasks:
+            print(per_class_table([r for r in rows if r["task"] == t], a.methods))
     agg = {}
     for t in a.tasks:
         for m in a.methods:
