@@ -287,13 +287,14 @@ def _phases(ctx: _Context, split, fresh_task, parent) -> dict[str, Any]:
         rcfg = dataclasses.replace(
             cfg,
             train=dataclasses.replace(
-                cfg.train, steps=steps, checkpoint_every=steps, warmup_steps=min(cfg.train.warmup_steps, steps // 10), data_shards_per_rank=1
+                cfg.train, steps=steps, checkpoint_every=steps, warmup_steps=min(cfg.train.warmup_steps, steps // 10), data_shards_per_rank=1,
+                lr=cfg.train.lr * (1.0 if rnd == 0 else fcfg.mining_lr_scale),
             ),
         )
         child = parent.child(run_dir, f"{name}", "mlflow_run_id") if dist.is_main else parent
         if dist.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            child.log_params({"round": rnd, "train_cells": len(train_idx), "steps": steps, "epochs": epochs})
+            child.log_params({"round": rnd, "train_cells": len(train_idx), "steps": steps, "epochs": epochs, "lr": rcfg.train.lr})
 
         def save_labels(cp: Path) -> None:
             (cp / "vocab.json").write_text(json.dumps(ctx.pre.vocab))

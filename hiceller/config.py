@@ -210,6 +210,8 @@ class FinetuneConfig:
     """Hard-mining rounds after phase 1 (0 disables mining)."""
     mining_epochs: int = 3
     """Passes over the hard set + replay sample in each round."""
+    mining_lr_scale: float = 1.0
+    """Each mining round trains at ``train.lr`` times this (a fresh optimizer on a small hard set)."""
     mining_patience: int = 1
     """Rounds without a validation macro-F1 gain before mining stops."""
     hard_cap_per_class: int = 200
@@ -232,6 +234,7 @@ class FinetuneConfig:
         _check(self.epochs >= 1, "finetune.epochs", f"must be >= 1, got {self.epochs}")
         _check(self.mining_rounds >= 0, "finetune.mining_rounds", f"must be >= 0, got {self.mining_rounds}")
         _check(self.mining_epochs >= 1, "finetune.mining_epochs", f"must be >= 1, got {self.mining_epochs}")
+        _check(0 < self.mining_lr_scale <= 1, "finetune.mining_lr_scale", f"must be in (0, 1], got {self.mining_lr_scale}")
         _check(self.mining_patience >= 1, "finetune.mining_patience", f"must be >= 1, got {self.mining_patience}")
         _check(self.hard_cap_per_class >= 1, "finetune.hard_cap_per_class", f"must be >= 1, got {self.hard_cap_per_class}")
         _check(self.replay_fraction >= 0, "finetune.replay_fraction", f"must be >= 0, got {self.replay_fraction}")

@@ -87,6 +87,8 @@ def test_later_override_wins() -> None:
         ("deepspeed.offload_params=true", "deepspeed.offload_params"),  # needs zero_stage 3
         ("finetune.loss=focal", "finetune.loss"),
         ("finetune.n_hvg=-1", "finetune.n_hvg"),
+        ("finetune.mining_lr_scale=0", "finetune.mining_lr_scale"),
+        ("finetune.mining_lr_scale=2", "finetune.mining_lr_scale"),
         ("cluster.master_port=70000", "cluster.master_port"),
     ],
 )

@@ -43,6 +43,7 @@ def world(tmp_path_factory):
     hc(
         "finetune", "--store", str(store), "--pretrained", str(pre), "--tissue", tissue, "--out", str(ft),
         "--set", "finetune.epochs=2", "--set", "finetune.mining_rounds=1", "--set", "finetune.mining_epochs=1", "--no-progress",
+        "--set", "finetune.mining_lr_scale=0.25",
     )
     return {"base": base, "store": store, "pre": pre, "ft": ft, "tissue": tissue}
 
@@ -78,6 +79,13 @@ def test_finetune_run_layout_and_mlflow(world):
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
     assert len(parent) == 1 and {c.data.tags["mlflow.runName"] for c in children} == {"phase1", "round1"}
     assert "best_round" in parent[0].data.metrics and "val_macro_f1" in children[0].data.metrics
+    # phase 1 trains at train.lr, a mining round at train.lr * mining_lr_scale (params and the logged schedule)
+    lr = float(parent[0].data.params["train.lr"])
+    child_lr = {c.data.tags["mlflow.runName"]: float(c.data.params["lr"]) for c in children}
+    assert child_lr == pytest.approx({"phase1": lr, "round1": 0.25 * lr})
+    for name, scale in (("phase1", 1.0), ("round1", 0.25)):
+        seen = [json.loads(line)["lr"] for line in (ft / name / "metrics.jsonl").read_text().splitlines() if '"lr"' in line]
+        assert seen and max(seen) <= scale * lr * (1 + 1e-6), name
     split = pd.read_parquet(ft / "split.parquet")
     assert set(split["split"]) >= {"train", "val"}
 
