@@ -23,7 +23,10 @@ project defines one (measure it against plain phase 1 before trusting it):
    number of classes; ``replay_fraction = 0`` means no replay at all.
 4. Rounds. Round 0 is phase 1; each round is scored on validation macro F1 and the rounds stop after
    ``patience`` rounds without improvement; the best round (possibly 0: mining did not help) is the
-   one kept. An empty hard set means there is nothing left to mine.
+   one kept. An empty hard set means there is nothing left to mine. A round starts from the previous
+   round's weights with a fresh optimizer at ``train.lr * finetune.mining_lr_scale`` (finetune/run.py):
+   the hard set can be a dozen cells, and a fresh Adam at the full rate moves every weight by about the
+   learning rate per step whatever the gradient's size.
 
 Ties in the score are broken by cell position and the replay draw uses the caller's
 ``numpy.random.Generator``, so a round is reproducible from its seed.
