@@ -16,7 +16,9 @@ finetune/metrics.py: rare = < 1 % of the training cells).
   python bench/annotate_quality.py --pretrained P --random R --tasks baron --methods a b c d e --seeds 0 1 2
   python bench/annotate_quality.py --quick   # baron, seed 0, 1 epoch; ends with one JSON line
 
-P and R (the pretrained and the random-init runs) are made on first use when missing (``prepare``).
+P and R (the pretrained and the random-init runs) are made on first use when missing (``prepare``):
+P is the debug model pretrained 6,000 steps (about 30 minutes on 2 CPU cores; ``--pretrain-steps``
+and ``--pretrained`` choose another, e.g. the 1,500-step bench/out/aq/P of the older RESULTS tables).
 """
 
 from __future__ import annotations
@@ -142,6 +144,7 @@ def run_celler(method, train, test, seed, pre, rnd, epochs, out: Path, max_genes
     # the folder names every setting, so a run made with other settings is never reused
     o = out / (f"{train.stem}_{method}_s{seed}_e{epochs}_g{max_genes or 'pre'}" + (f"_hvg{n_hvg}" if n_hvg else "")
                + "".join("_" + s.removeprefix("finetune.").replace("=", "") for s in extra)
+               # runs from bench/out/aq/P (the 1,500-step pretraining of the older tables) carry no suffix
                + (f"_{pre.name}" if which == "pretrained" and pre.name != "P" else ""))
     if not (o / "model").exists():
         cmd = [HICELLER, "finetune", "--h5ad", str(train), "--pretrained", str(pre if which == "pretrained" else rnd),
@@ -199,14 +202,14 @@ def per_class_table(rows: list[dict], methods: list[str]) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--pretrained", type=Path, default=Path("bench/out/aq/P"))
+    p.add_argument("--pretrained", type=Path, default=Path("bench/out/aq/P6000"))
     p.add_argument("--random", type=Path, default=Path("bench/out/aq/R"))
     p.add_argument("--work", type=Path, default=Path("bench/out/aq/runs"))
     p.add_argument("--tasks", nargs="+", default=["baron", "pbmc", "xin"])
     p.add_argument("--methods", nargs="+", default=list("abcde"))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--pretrain-steps", type=int, default=1500, help="steps of P when it has to be made")
+    p.add_argument("--pretrain-steps", type=int, default=6000, help="steps of P when it has to be made")
     p.add_argument("--max-genes", type=int, default=512, help="genes per cell when fine-tuning and annotating (0: the pretrained value)")
     p.add_argument("--n-hvg", type=int, default=0, help="fine-tune Celler on the N most variable training genes (finetune.n_hvg; 0: all)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
