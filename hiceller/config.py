@@ -200,8 +200,8 @@ class FinetuneConfig:
     loss: str = "ginf"
     """ce (cross-entropy) or ginf (Gaussian Inflation)."""
     ginf_mu: float = 0.0
-    """Mean of the GInf noise (the published default, 0). -1 makes GInf the logit-adjusted loss that
-    balances rare classes at test time; 0 leans slightly against them (finetune/ginf.py)."""
+    """Mean of the GInf noise (the published default, 0, leans slightly against rare classes; -1 makes
+    GInf the logit-adjusted loss, for balanced error; finetune/ginf.py)."""
     ginf_sigma: float = 0.1
     """Standard deviation of the GInf noise."""
     epochs: int = 10
