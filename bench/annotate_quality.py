@@ -17,8 +17,9 @@ finetune/metrics.py: rare = < 1 % of the training cells).
   python bench/annotate_quality.py --quick   # baron, seed 0, 1 epoch; ends with one JSON line
 
 P and R (the pretrained and the random-init runs) are made on first use when missing (``prepare``):
-P is the debug model pretrained 6,000 steps (about 30 minutes on 2 CPU cores; ``--pretrain-steps``
-and ``--pretrained`` choose another, e.g. the 1,500-step bench/out/aq/P of the older RESULTS tables).
+P is the debug model pretrained 6,000 steps, bench/out/aq/P6000 (about 30 minutes on 2 CPU cores);
+``--pretrain-steps N`` uses bench/out/aq/PN instead (N = 1500: bench/out/aq/P, the older RESULTS tables'
+and ``--quick``'s), ``--pretrained`` any run folder.
 """
 
 from __future__ import annotations
@@ -202,14 +203,14 @@ def per_class_table(rows: list[dict], methods: list[str]) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--pretrained", type=Path, default=Path("bench/out/aq/P6000"))
+    p.add_argument("--pretrained", type=Path, default=None, help="pretraining run (default bench/out/aq/P<steps>)")
     p.add_argument("--random", type=Path, default=Path("bench/out/aq/R"))
     p.add_argument("--work", type=Path, default=Path("bench/out/aq/runs"))
     p.add_argument("--tasks", nargs="+", default=["baron", "pbmc", "xin"])
     p.add_argument("--methods", nargs="+", default=list("abcde"))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--pretrain-steps", type=int, default=6000, help="steps of P when it has to be made")
+    p.add_argument("--pretrain-steps", type=int, default=None, help="steps of P when it has to be made (6000; --quick: 1500)")
     p.add_argument("--max-genes", type=int, default=512, help="genes per cell when fine-tuning and annotating (0: the pretrained value)")
     p.add_argument("--n-hvg", type=int, default=0, help="fine-tune Celler on the N most variable training genes (finetune.n_hvg; 0: all)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
@@ -219,6 +220,9 @@ def main() -> int:
     a = p.parse_args()
     if a.quick:
         a.tasks, a.seeds, a.epochs, a.methods = ["baron"], [0], 1, ["a", "e"]
+    a.pretrain_steps = a.pretrain_steps or (1500 if a.quick else 6000)
+    # bench/out/aq/P is the 1,500-step run of the older RESULTS tables (its runs' folders carry no suffix)
+    a.pretrained = a.pretrained or Path("bench/out/aq") / ("P" if a.pretrain_steps == 1500 else f"P{a.pretrain_steps}")
     if any(m != "a" for m in a.methods):
         prepare(a.pretrained, a.random, a.pretrain_steps)
     rows = []
