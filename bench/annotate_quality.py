@@ -114,18 +114,19 @@ def run_logreg(train: Path, test: Path, seed: int) -> dict:
     proba[:, clf.classes_] = clf.predict_proba(Xb)
     counts = np.bincount(ya, minlength=len(names))
     r = classification_report(yb[k], proba[k].argmax(1), proba[k], names, counts)
-    return {"accuracy": r["accuracy"], "macro_f1": r["macro_f1"], "rare_class_f1": r["rare_class_f1"], "genes": len(genes),
-            **over_test_classes(r)}
+    return {**read_report(r), "genes": len(genes)}
 
 
-def over_test_classes(report: dict) -> dict:
-    """The report read over the classes of the test set only. The metrics above average over the classes
-    present in the labels *or* the predictions (sklearn's default), so one cell predicted as a type the
-    test donor lacks adds a class with F1 0 to both means; ``phantom`` names those types."""
+def read_report(report: dict) -> dict:
+    """A benchmark row from a classification report: its headline metrics, and the same read over the
+    classes of the test set only. The report averages over the classes present in the labels *or* the
+    predictions (sklearn's default), so one cell predicted as a type the test donor lacks adds a class
+    with F1 0 to both means; ``phantom`` names those types."""
     f1, support = report["per_class_f1"], report["per_class_support"]
     real = [c for c in f1 if support[c] > 0]
     rare = [c for c in report["rare_classes"] if support[c] > 0]
-    return {"per_class_f1": f1, "test_cells": support, "train_cells": report["per_class_train_count"],
+    return {"accuracy": report["accuracy"], "macro_f1": report["macro_f1"], "rare_class_f1": report["rare_class_f1"],
+            "per_class_f1": f1, "test_cells": support, "train_cells": report["per_class_train_count"],
             "phantom": sorted(c for c in f1 if support[c] == 0),
             "macro_f1_test_classes": float(np.mean([f1[c] for c in real])),
             "rare_class_f1_test_classes": float(np.mean([f1[c] for c in rare])) if rare else None}
@@ -162,8 +163,7 @@ def run_celler(method, train, test, seed, pre, rnd, epochs, out: Path, max_genes
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     r = json.loads(saved.read_text())
     summ = json.loads((o / "summary.json").read_text())
-    return {"accuracy": r["accuracy"], "macro_f1": r["macro_f1"], "rare_class_f1": r["rare_class_f1"], "best_round": summ["round"],
-            **over_test_classes(r)}
+    return {**read_report(r), "best_round": summ["round"]}
 
 
 def prepare(pretrained: Path, random: Path, steps: int) -> None:

@@ -169,7 +169,7 @@ def test_benchmark_reads_the_report_over_test_classes() -> None:
     y_pred = np.array([0] * 7 + [3] + [1] * 4 + [2])  # one big cell called rare_b, which the test set lacks
     report = classification_report(y_true, y_pred, None, names, np.array([900, 95, 3, 2]))
     assert report["rare_classes"] == ["rare_a", "rare_b"] and report["rare_class_f1"] == pytest.approx(0.5)
-    view = aq.over_test_classes(report)
+    view = aq.read_report(report)
     assert view["phantom"] == ["rare_b"]
     assert view["rare_class_f1_test_classes"] == pytest.approx(1.0)
     assert view["macro_f1_test_classes"] == pytest.approx(np.mean([f1_score(y_true == 0, y_pred == 0), 1.0, 1.0]))
