@@ -85,7 +85,8 @@ class ModelConfig:
     dropout: float = 0.2
     """Dropout in attention and feed-forward blocks (training only)."""
     attention: str = "auto"
-    """Attention backend: auto (flash-attn on CUDA when importable, else SDPA), flash, or sdpa."""
+    """Attention backend: auto (on CUDA in bf16/fp16: flash-attn when importable, else torch's own
+    varlen_attn; SDPA on CPU and in fp32), flash, torch_varlen or sdpa. Weights are the same for all."""
 
     def __post_init__(self) -> None:
         _check(self.d_model >= 8, "model.d_model", f"must be >= 8, got {self.d_model}")
@@ -99,9 +100,9 @@ class ModelConfig:
         _check(self.d_ff >= 1, "model.d_ff", f"must be >= 1, got {self.d_ff}")
         _check(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {self.dropout}")
         _check(
-            self.attention in ("auto", "flash", "sdpa"),
+            self.attention in ("auto", "flash", "torch_varlen", "sdpa"),
             "model.attention",
-            f"must be auto, flash or sdpa, got {self.attention!r}",
+            f"must be auto, flash, torch_varlen or sdpa, got {self.attention!r}",
         )
 
 
@@ -139,6 +140,15 @@ class TrainConfig:
     """Data-parallel shards each rank reads, alternating micro batch by micro batch. A run on R ranks
     with S shards and grad_accum A sees exactly the cells of a run on R*S ranks with A/S: used to
     check 1 vs 2 ranks, and to continue a run on fewer machines."""
+    autocast: bool = False
+    """Run forward passes under torch.autocast in bf16 over fp32 weights (DeepSpeed's torch_autocast)
+    instead of DeepSpeed casting the model to bf16; needs deepspeed.precision = "bf16"."""
+    compile: bool = False
+    """torch.compile every encoder block (pretrain/parallelize.py); off unless measured to pay
+    (bench/RESULTS.md, "GPU path")."""
+    optimizer: str = "auto"
+    """AdamW kernel: auto (on CUDA DeepSpeed's FusedAdam where its op builds, else torch's fused
+    AdamW; torch's AdamW on CPU), torch (torch's AdamW, fused on CUDA) or deepspeed_fused."""
 
     def __post_init__(self) -> None:
         _check(self.steps >= 1, "train.steps", f"must be >= 1, got {self.steps}")
@@ -160,6 +170,11 @@ class TrainConfig:
             self.grad_accum % self.data_shards_per_rank == 0,
             "train.data_shards_per_rank",
             f"must divide grad_accum ({self.grad_accum}), got {self.data_shards_per_rank}",
+        )
+        _check(
+            self.optimizer in ("auto", "torch", "deepspeed_fused"),
+            "train.optimizer",
+            f"must be auto, torch or deepspeed_fused, got {self.optimizer!r}",
         )
 
 
@@ -274,6 +289,21 @@ class RunConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def __post_init__(self) -> None:
+        # Autocast keeps fp32 weights and needs no loss scaling in bf16; fp16 would need a scaler,
+        # which DeepSpeed gives an autocast run only without ZeRO.
+        _check(
+            not self.train.autocast or self.deepspeed.precision == "bf16",
+            "train.autocast",
+            f"needs deepspeed.precision = \"bf16\", got {self.deepspeed.precision!r}",
+        )
+        # ZeRO-3 gathers parameters in module hooks, which a compiled block would trace.
+        _check(
+            not self.train.compile or self.deepspeed.zero_stage < 3,
+            "train.compile",
+            f"works with deepspeed.zero_stage 0-2, got {self.deepspeed.zero_stage}",
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

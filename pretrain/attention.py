@@ -1,4 +1,4 @@
-"""Bidirectional attention over packed cells: flash-attn varlen on CUDA, torch SDPA anywhere else.
+"""Bidirectional attention over packed cells: flash kernels on CUDA, torch SDPA anywhere else.
 
 Cells are concatenated into one token axis (``[T, H, Dh]``) and delimited by ``cu_seqlens``
 (int32 ``[B + 1]``, cumulative lengths starting at 0). A token attends to every token of its own
@@ -7,10 +7,16 @@ cell and to nothing else; there is no causal mask (genes are a set).
 Backends take the same inputs and no parameters, so a model's weights do not depend on the choice:
 
 - ``flash``: ``flash_attn.flash_attn_varlen_func``. CUDA and fp16/bf16 only; ``flash_attn`` is the
-  optional ``gpu`` extra (``pip install 'hiceller[gpu]'``).
+  optional ``gpu`` extra (``pip install 'hiceller[gpu]'``), built from source against torch.
+- ``torch_varlen``: ``torch.nn.attention.varlen.varlen_attn``, the flash-attention varlen kernel that
+  ships inside torch (>= 2.10): same packed layout, nothing to build. CUDA (Ampere or newer) and
+  fp16/bf16 only. With attention dropout in training it calls the aten op that ``varlen_attn``
+  wraps, since ``varlen_attn`` itself takes no dropout (see :func:`_torch_varlen`).
 - ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` called once per cell (see
   :func:`_sdpa_per_cell` for the measurement behind that choice).
-- ``auto``: ``flash`` when it can run on the given tensors, else ``sdpa``.
+- ``auto``: the first of ``flash``, ``torch_varlen`` that can run on the given tensors, else ``sdpa``:
+  flash-attn on a GPU machine that has it, torch's own kernel on one that does not, SDPA on CPU
+  and in fp32.
 """
 
 from __future__ import annotations
@@ -24,15 +30,25 @@ from torch import Tensor
 
 __all__ = [
     "BACKENDS",
+    "GPU_BACKENDS",
     "flash_attn_available",
+    "torch_varlen_available",
+    "backend_unusable_reason",
     "resolve_backend",
+    "resolve_backend_for",
     "varlen_attention",
     "padded_attention",
 ]
 
-BACKENDS = ("auto", "flash", "sdpa")
-_FLASH_DTYPES = (torch.float16, torch.bfloat16)
-_INSTALL_HINT = "install the gpu extra on a CUDA machine: pip install 'hiceller[gpu]' (flash-attn>=2.6)"
+BACKENDS = ("auto", "flash", "torch_varlen", "sdpa")
+GPU_BACKENDS = ("flash", "torch_varlen")
+"""The packed-kernel backends, in the order ``auto`` tries them."""
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+_MAX_HEAD_DIM = 256  # the largest head both flash kernels compile for
+_HINTS = {
+    "flash": "install the gpu extra on a CUDA machine: pip install 'hiceller[gpu]' (flash-attn>=2.6)",
+    "torch_varlen": "use torch >= 2.10 with CUDA on an Ampere or newer GPU (the kernel ships with torch, no build)",
+}
 
 
 @functools.cache
@@ -45,40 +61,92 @@ def _load_flash() -> tuple[Callable[..., Tensor] | None, str]:
     return flash_attn_varlen_func, ""
 
 
+@functools.cache
+def _load_torch_varlen() -> tuple[Callable[..., Tensor] | None, str]:
+    """``(torch.nn.attention.varlen.varlen_attn, "")`` or ``(None, why this torch lacks it)``."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None, f"torch {torch.__version__} has no torch.nn.attention.varlen.varlen_attn (added in torch 2.10)"
+    if not torch.backends.cuda.is_flash_attention_available():
+        return None, f"torch {torch.__version__} was built without flash-attention kernels"
+    return varlen_attn, ""
+
+
+_LOADERS = {"flash": _load_flash, "torch_varlen": _load_torch_varlen}
+
+
 def flash_attn_available() -> bool:
     """True when ``flash_attn`` imports and a CUDA device is present."""
     fn, _ = _load_flash()
     return fn is not None and torch.cuda.is_available()
 
 
-def _flash_unusable_reason(q: Tensor) -> str:
-    """Why flash-attn cannot run on ``q`` ("" when it can)."""
-    fn, why = _load_flash()
+def torch_varlen_available() -> bool:
+    """True when this torch has ``varlen_attn`` with flash kernels and a CUDA device is present."""
+    fn, _ = _load_torch_varlen()
+    return fn is not None and torch.cuda.is_available()
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def _device_unusable_reason(q: Tensor) -> str:
+    """Why the flash kernels cannot run on ``q``'s device ("" when they can). Tests replace this
+    function to run the kernel contracts with CPU stand-ins."""
+    if not q.is_cuda:
+        return f"flash kernels run only on CUDA tensors, got device {q.device}"
+    major, minor = _capability(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    if major < 8:
+        return f"flash kernels need an Ampere or newer GPU (compute capability >= 8.0), this one is {major}.{minor}"
+    return ""
+
+
+def backend_unusable_reason(backend: str, q: Tensor) -> str:
+    """Why the GPU backend ``backend`` cannot run on tensors like ``q`` ("" when it can)."""
+    fn, why = _LOADERS[backend]()
     if fn is None:
         return why
-    if not q.is_cuda:
-        return f"flash-attn runs only on CUDA tensors, got device {q.device}"
-    if q.dtype not in _FLASH_DTYPES:
-        return f"flash-attn needs fp16 or bf16, got {q.dtype} (train with bf16/fp16 precision)"
+    why = _device_unusable_reason(q)
+    if why:
+        return why
+    if q.dtype not in _HALF_DTYPES:
+        return f"{backend} needs fp16 or bf16, got {q.dtype} (train with deepspeed.precision bf16)"
+    head_dim = q.shape[-1]
+    if head_dim > _MAX_HEAD_DIM or head_dim % 8:
+        return f"{backend} needs a head size that is a multiple of 8 up to {_MAX_HEAD_DIM}, got {head_dim}"
     return ""
 
 
 def resolve_backend(backend: str, q: Tensor) -> str:
-    """The concrete backend (``flash`` or ``sdpa``) that ``backend`` means for tensors like ``q``.
+    """The concrete backend (``flash``, ``torch_varlen`` or ``sdpa``) that ``backend`` means for ``q``.
 
     Raises:
         ValueError: unknown backend name.
-        RuntimeError: ``flash`` was asked for explicitly but cannot run here (the message says why).
+        RuntimeError: a GPU backend was asked for explicitly but cannot run here (the message says why).
     """
     if backend not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "sdpa":
         return "sdpa"
-    reason = _flash_unusable_reason(q)
-    if backend == "flash" and reason:
-        raise RuntimeError(f"attention backend 'flash' cannot run: {reason}. To use it, {_INSTALL_HINT}; "
-                           "or set model.attention = \"auto\" / \"sdpa\" (same weights).")
-    return "sdpa" if reason else "flash"
+    if backend in GPU_BACKENDS:
+        reason = backend_unusable_reason(backend, q)
+        if reason:
+            raise RuntimeError(f"attention backend {backend!r} cannot run: {reason}. To use it, {_HINTS[backend]}; "
+                               "or set model.attention = \"auto\" / \"sdpa\" (same weights).")
+        return backend
+    for candidate in GPU_BACKENDS:
+        if not backend_unusable_reason(candidate, q):
+            return candidate
+    return "sdpa"
+
+
+def resolve_backend_for(backend: str, device: torch.device | str, dtype: torch.dtype, head_dim: int) -> str:
+    """:func:`resolve_backend` for a run, before any tensor exists: what its attention will use on
+    ``device`` with activations in ``dtype`` (what the training loop logs and the doctor reports)."""
+    return resolve_backend(backend, torch.empty((0, 1, head_dim), device=device, dtype=dtype))
 
 
 def _sdpa_per_cell(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, dropout_p: float) -> Tensor:
@@ -101,7 +169,7 @@ def _sdpa_per_cell(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, dropout_
     lengths) and pays a scatter/gather; buckets only shrink that waste; nested-jagged SDPA has no
     fused CPU kernel and falls back to a slow unfused path. The loop does exactly sum L_i^2 work in
     the fused CPU flash kernel, and 32..256 calls cost little next to that work.
-    On CUDA the fast path is flash-attn; this loop is the correct fallback there (it reads the
+    On CUDA the fast paths are the flash kernels; this loop is the correct fallback there (fp32) (it reads the
     lengths on the host: one synchronisation per call). Not measured on a GPU.
     """
     lengths = cu_seqlens.diff().tolist()
@@ -156,6 +224,24 @@ def _check_packed(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor) -> None:
         raise ValueError(f"cu_seqlens must be [B + 1] with B >= 1, got shape {tuple(cu_seqlens.shape)}")
 
 
+def _aten_flash_attention_forward(*args, **kwargs):
+    """``torch.ops.aten._flash_attention_forward``: the op ``varlen_attn`` wraps; tests stand it in."""
+    return torch.ops.aten._flash_attention_forward(*args, **kwargs)
+
+
+def _torch_varlen(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_seqlen: int, dropout_p: float) -> Tensor:
+    """torch's own flash varlen kernel. ``varlen_attn`` takes no dropout (its op passes 0.0 to the
+    kernel), so attention dropout in training calls the aten op it wraps, which takes ``dropout_p``
+    and has its own backward: the call torch's nested-tensor SDPA trains through. Positional
+    arguments only: their order is the same in every torch that has ``varlen_attn``, keywords
+    (``is_causal`` then ``window_size``) changed between versions, and the default is non-causal."""
+    if dropout_p > 0.0:
+        return _aten_flash_attention_forward(q, k, v, cu, cu, max_seqlen, max_seqlen, dropout_p, False, False)[0]
+    varlen_attn, _ = _load_torch_varlen()
+    assert varlen_attn is not None  # resolve_backend returned "torch_varlen" only if it imported
+    return varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen)
+
+
 def varlen_attention(
     q: Tensor,
     k: Tensor,
@@ -172,17 +258,22 @@ def varlen_attention(
         q, k, v: packed queries, keys and values of all cells (cell ``i`` owns tokens
             ``cu_seqlens[i]:cu_seqlens[i+1]``). Every cell must have at least one token.
         cu_seqlens: int32 ``[B + 1]`` cumulative lengths, ``cu_seqlens[0] == 0``, ``cu_seqlens[-1] == T``.
-        max_seqlen: the longest cell (flash-attn sizes its launch grid with it).
+        max_seqlen: the longest cell, a Python int (the flash kernels size their launch grid with it).
         dropout_p: attention-probability dropout; pass 0.0 in evaluation.
-        backend: ``auto``, ``flash`` or ``sdpa`` (see the module docstring).
+        backend: ``auto``, ``flash``, ``torch_varlen`` or ``sdpa`` (see the module docstring).
     """
     _check_packed(q, k, v, cu_seqlens)
-    if resolve_backend(backend, q) == "flash":
+    chosen = resolve_backend(backend, q)
+    if chosen == "sdpa":
+        return _sdpa_per_cell(q, k, v, cu_seqlens, dropout_p)
+    # The fused qkv projection hands strided views; both kernels want dense [T, H, Dh] tensors.
+    q, k, v = (t.contiguous() for t in (q, k, v))
+    cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
+    if chosen == "flash":
         flash_varlen, _ = _load_flash()
         assert flash_varlen is not None  # resolve_backend returned "flash" only if it imported
-        cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
         return flash_varlen(q, k, v, cu, cu, max_seqlen, max_seqlen, dropout_p=dropout_p, causal=False)
-    return _sdpa_per_cell(q, k, v, cu_seqlens, dropout_p)
+    return _torch_varlen(q, k, v, cu, max_seqlen, dropout_p)
 
 
 def padded_attention(q: Tensor, k: Tensor, v: Tensor, padding_mask: Tensor, dropout_p: float = 0.0) -> Tensor:
