@@ -21,6 +21,7 @@ import torch
 from data_store.batching import iter_token_budget_batches, pack
 from data_store.tokenize import Tokenizer
 from finetune.bundle import Bundle, load_bundle
+from finetune.priors import DEFAULT_ADAPT_PRIORS, PriorShift, estimate_priors, reweight
 from finetune.task import ClassifierTask
 from hiceller.errors import InputError
 from pretrain.model import CellerModel
@@ -74,7 +75,7 @@ class Annotator:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise InputError("--device cuda asked for, but torch sees no CUDA device")
         model = CellerModel(bundle.model_cfg, n_genes=len(bundle.vocab), n_bins=bundle.n_bins)
-        task = ClassifierTask(model, len(bundle.labels), "ce", np.ones(len(bundle.labels)))
+        task = ClassifierTask(model, len(bundle.labels), "ce", np.ones(len(bundle.labels)), head=bundle.head)
         missing, unexpected = task.load_state_dict(bundle.state_dict, strict=False)
         # GInf's buffer is not part of a bundle; anything else missing or extra is a broken bundle.
         missing = [k for k in missing if not k.startswith("ginf.")]
@@ -150,6 +151,24 @@ class Annotator:
             embs.append(emb.float().cpu().numpy())
         return np.concatenate(probs), np.concatenate(embs)
 
+    def predict_proba(self, adata, **kwargs) -> tuple[np.ndarray, np.ndarray]:
+        """(probabilities [n, C] float32, embeddings [n, d] float32) of every cell, in order.
+
+        ``kwargs`` go to :meth:`iter_predictions`."""
+        n = adata.n_obs
+        proba = np.zeros((n, len(self.labels)), dtype=np.float32)
+        emb = np.zeros((n, self.task.model.embed_dim), dtype=np.float32)
+        for rows, p, e in self.iter_predictions(adata, **kwargs):
+            proba[rows] = p
+            emb[rows] = e
+        return proba, emb
+
+    def adapt_priors(self, proba: np.ndarray) -> tuple[np.ndarray, PriorShift]:
+        """The query's class priors by EM (finetune/priors.py) and the posteriors under them."""
+        counts = np.asarray(self.bundle.label_counts or [1] * len(self.labels), dtype=np.float64)
+        shift = estimate_priors(proba, counts)
+        return reweight(proba, shift.reference, shift.priors).astype(np.float32), shift
+
     def annotate(
         self,
         adata,
@@ -160,21 +179,26 @@ class Annotator:
         min_overlap: float = DEFAULT_MIN_OVERLAP,
         progress: Callable[[int], None] | None = None,
         copy: bool = True,
+        adapt_priors: bool = DEFAULT_ADAPT_PRIORS,
     ):
-        """The annotated AnnData: obs celler_label / celler_confidence, obsm X_celler."""
+        """The annotated AnnData: obs celler_label / celler_confidence, obsm X_celler, uns celler.
+
+        With ``adapt_priors`` the posteriors are re-weighted to the query's class mix estimated by
+        EM (label shift, finetune/priors.py); the estimate is in ``uns["celler"]["priors"]``."""
         out = adata.copy() if copy else adata
-        n = adata.n_obs
-        labels = np.empty(n, dtype=object)
-        conf = np.zeros(n, dtype=np.float32)
-        emb = np.zeros((n, self.task.model.embed_dim), dtype=np.float32)
-        names = np.array(self.labels, dtype=object)
-        for rows, probs, e in self.iter_predictions(
+        proba, emb = self.predict_proba(
             adata, batch_size=batch_size, gene_column=gene_column, min_overlap=min_overlap, progress=progress
-        ):
-            top = probs.argmax(1)
-            labels[rows] = names[top]
-            conf[rows] = probs[np.arange(len(top)), top]
-            emb[rows] = e
+        )
+        info: dict = {}
+        if adapt_priors:
+            proba, shift = self.adapt_priors(proba)
+            info["priors"] = {n: float(p) for n, p in zip(self.labels, shift.priors)}
+            info["reference_priors"] = {n: float(p) for n, p in zip(self.labels, shift.reference)}
+            info["prior_em_iterations"] = int(shift.n_iter)
+        names = np.array(self.labels, dtype=object)
+        top = proba.argmax(1)
+        labels = names[top]
+        conf = proba[np.arange(len(top)), top]
         labels[conf < min_confidence] = UNASSIGNED
         out.obs["celler_label"] = pd.Categorical(labels)
         out.obs["celler_confidence"] = conf
@@ -185,5 +209,7 @@ class Annotator:
             "gene_overlap": float(self.last_mapping.overlap),
             "vocab_coverage": float(self.last_mapping.vocab_coverage),
             "genes_matched": int(self.last_mapping.n_matched),
+            "adapt_priors": bool(adapt_priors),
+            **info,
         }
         return out

@@ -52,6 +52,11 @@ class Bundle:
     input_genes: list[str] | None = None
     """The vocabulary genes the classifier reads (fine-tuned with ``finetune.n_hvg``); None = all."""
 
+    @property
+    def head(self) -> str:
+        """The classifier kind (``finetune.head``); bundles written before it existed are ``transformer``."""
+        return str(self.config.get("head", "transformer"))
+
 
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
@@ -180,6 +185,14 @@ def load_bundle(path: Path) -> Bundle:
     input_genes = config["tokenizer"].get("input_genes")
     if input_genes is not None and (not isinstance(input_genes, list) or not set(input_genes) <= set(vocab)):
         raise InputError(f"bundle {path}: config.json's tokenizer.input_genes are not all genes of vocab.json")
+    kind = config.get("head", "transformer")
+    wide = state.get("wide.weight")
+    want_wide = kind in ("linear", "joint")
+    if kind not in ("transformer", "linear", "joint") or want_wide != (wide is not None) or (
+        wide is not None and tuple(wide.shape) != (emb.shape[0], len(names))
+    ):
+        got = None if wide is None else tuple(wide.shape)
+        raise InputError(f"bundle {path}: classifier kind {kind!r} does not match its weights (wide part {got})")
     head = state.get("head.weight")
     if head is None or head.shape[0] != len(names) or config.get("n_classes") != len(names):
         got = None if head is None else head.shape[0]

@@ -56,6 +56,7 @@ def export_bundle(checkpoint: Path, out: Path, overwrite: bool = False) -> Path:
         metrics={**metrics, "checkpoint": str(w.source)},
         overwrite=overwrite,
         input_genes=w.input_genes,
+        extra_config={"head": w.head},
     )
 
 

@@ -1,7 +1,21 @@
-"""The fine-tuning objective for the shared training loop: a classifier on the <cls> embedding.
+"""The fine-tuning objective for the shared training loop: a classifier on the <cls> embedding,
+a linear classifier on the expression bins (the "wide" part), or both summed.
 
-State dict keys are ``model.*`` (the Celler encoder, as pretrained) and ``head.*`` (a Linear from
-the cell embedding to the classes): the same keys in DeepSpeed checkpoints and in bundles.
+``finetune.head`` picks the classifier:
+- ``transformer``: ``head(cell_emb)``, a Linear on the encoder's ``<cls>`` embedding (scGPT, Celler).
+- ``linear``: :class:`WideLinear` alone, a multinomial logistic regression on the cell's expression
+  bins of the genes read; the encoder is not trained (it still gives ``X_celler`` at annotation).
+- ``joint``: the sum of both, trained together (wide-and-deep). The wide part starts at zero, so
+  the joint model starts as the transformer model, and it can always fall back on the linear
+  solution: on a small reference a linear model on marker genes is hard to beat, and the encoder
+  has to earn its share of the logits.
+
+The wide part reads the tokens the encoder reads (same genes, same bins), so it needs no other
+input and is invariant, like the bins, to per-cell scaling and to counts vs log-expression.
+
+State dict keys are ``model.*`` (the Celler encoder, as pretrained), ``head.*`` (a Linear from the
+cell embedding to the classes) and, with a wide part, ``wide.*``: the same keys in DeepSpeed
+checkpoints and in bundles. GInf's ``delta`` is a non-persistent buffer, never saved.
 """
 
 from __future__ import annotations
@@ -15,31 +29,88 @@ from torch import Tensor, nn
 
 from data_store.batching import PackedBatch
 from finetune.ginf import GInfLoss
-from pretrain.model import CellerModel
+from pretrain.model import CellerModel, cell_index
 
-__all__ = ["ClassifierTask", "predict_logits"]
+__all__ = ["HEADS", "ClassifierTask", "WideLinear", "predict_logits"]
+
+HEADS = ("transformer", "linear", "joint")
+"""Values of ``finetune.head``: which logits the classifier sums (module docstring)."""
+
+
+class WideLinear(nn.Module):
+    """Logistic-regression logits from the tokens: ``bias + sum_g weight[g] * bin_g / (n_bins - 1)``.
+
+    One row of ``weight`` per token id (``[n_tokens, n_classes]``, zero-initialised); ``<cls>`` and
+    padding carry bin 0 and so add nothing. The sum over a cell's tokens is one ``index_add_`` over
+    the packed layout.
+    """
+
+    def __init__(self, n_tokens: int, n_classes: int, n_bins: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(n_tokens, n_classes))
+        self.bias = nn.Parameter(torch.zeros(n_classes))
+        self.scale = 1.0 / max(n_bins - 1, 1)
+
+    def forward(self, gene_ids: Tensor, values: Tensor, cu_seqlens: Tensor) -> Tensor:
+        x = values.clamp(min=0).to(self.weight.dtype) * self.scale
+        contrib = self.weight[gene_ids] * x.unsqueeze(-1)
+        cells = cell_index(cu_seqlens, gene_ids.numel())
+        out = self.bias.expand(cu_seqlens.numel() - 1, -1).clone()
+        return out.index_add_(0, cells, contrib)
 
 
 class ClassifierTask(nn.Module):
-    """Celler encoder + linear classifier, trained with cross-entropy or GInf.
+    """Celler encoder + classifier (``head`` in :data:`HEADS`), trained with cross-entropy or GInf.
 
     GInf's noise is drawn in ``prepare`` from the micro batch's seeded generator and passed in, so a
     resumed run draws the same noise; in eval mode the loss is plain cross-entropy (no noise)."""
 
-    def __init__(self, model: CellerModel, n_classes: int, loss: str, class_counts: np.ndarray, mu: float = 0.0, sigma: float = 0.1):
+    def __init__(
+        self,
+        model: CellerModel,
+        n_classes: int,
+        loss: str,
+        class_counts: np.ndarray,
+        mu: float = 0.0,
+        sigma: float = 0.1,
+        head: str = "transformer",
+    ):
         super().__init__()
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
         self.model = model
         self.head = nn.Linear(model.embed_dim, n_classes)
         nn.init.normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
+        self.head_kind = head
+        self.wide = WideLinear(model.gene_encoder.embedding.num_embeddings, n_classes, model.n_bins) if head != "transformer" else None
+        if head == "linear":
+            # The encoder only provides embeddings at annotation; nothing of it is trained.
+            for p in (*self.model.parameters(), *self.head.parameters()):
+                p.requires_grad_(False)
         self.loss_kind = loss
         self.n_classes = n_classes
         self.mu, self.sigma = mu, sigma
         self.ginf = GInfLoss(class_counts, mu=mu, sigma=sigma) if loss == "ginf" else None
 
     def logits(self, gene_ids: Tensor, values: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> tuple[Tensor, Tensor]:
+        """Class logits and ``<cls>`` embeddings of packed cells."""
         out = self.model(gene_ids, values, cu_seqlens, max_seqlen)
-        return self.head(out.cell_emb), out.cell_emb
+        return self._combine(out.cell_emb, gene_ids, values, cu_seqlens), out.cell_emb
+
+    def _combine(self, cell_emb: Tensor | None, gene_ids: Tensor, values: Tensor, cu_seqlens: Tensor) -> Tensor:
+        if self.head_kind == "transformer":
+            return self.head(cell_emb)
+        wide = self.wide(gene_ids, values, cu_seqlens)
+        if self.head_kind == "linear":
+            return wide
+        return self.head(cell_emb).float() + wide.float()
+
+    def train_logits(self, gene_ids: Tensor, values: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
+        """Logits for the loss; a linear-only head skips the (untrained) encoder."""
+        if self.head_kind == "linear":
+            return self._combine(None, gene_ids, values, cu_seqlens)
+        return self.logits(gene_ids, values, cu_seqlens, max_seqlen)[0]
 
     def prepare(self, batch: PackedBatch, seed: int, device: torch.device) -> tuple:
         noise = None
@@ -50,8 +121,7 @@ class ClassifierTask(nn.Module):
         return (b.gene_ids, b.values, b.cu_seqlens, b.max_seqlen, b.labels, noise)
 
     def forward(self, gene_ids, values, cu_seqlens, max_seqlen, labels, noise=None) -> tuple[Tensor, dict[str, Any]]:
-        logits, _ = self.logits(gene_ids, values, cu_seqlens, max_seqlen)
-        logits = logits.float()
+        logits = self.train_logits(gene_ids, values, cu_seqlens, max_seqlen).float()
         if self.ginf is not None:
             loss = self.ginf(logits, labels, noise=noise)
         else:

@@ -35,6 +35,8 @@ class TrainedWeights:
     label_counts: list[int] | None = None
     input_genes: list[str] | None = None
     """Genes a fine-tuned classifier reads (``finetune.n_hvg``); None = all of ``vocab``."""
+    head: str = "transformer"
+    """The classifier kind of a fine-tuned model (``finetune.head``)."""
 
 
 def consolidate(cp: Path) -> dict[str, torch.Tensor]:
@@ -93,6 +95,7 @@ def load_checkpoint_weights(path: Path) -> TrainedWeights:
         labels=labels,
         label_counts=counts,
         input_genes=input_genes,
+        head=cfg.finetune.head,
     )
 
 
@@ -113,6 +116,7 @@ def load_pretrained(path: Path) -> TrainedWeights:
             labels=b.labels,
             label_counts=b.label_counts,
             input_genes=b.input_genes,
+            head=b.head,
         )
     if not path.exists():
         raise InputError(f"--pretrained {path} does not exist")

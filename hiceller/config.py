@@ -242,6 +242,9 @@ class FinetuneConfig:
     n_hvg: int = 0
     """Genes the classifier reads: 0 = every gene of the vocabulary; N = the N most variable genes
     of the training cells (Seurat dispersion, finetune/genes.py), kept in the bundle for annotation."""
+    head: str = "transformer"
+    """Classifier: transformer (a Linear on the <cls> embedding), linear (logistic regression on the
+    expression bins of the genes read) or joint (both summed, trained together; finetune/task.py)."""
 
     def __post_init__(self) -> None:
         _check(self.loss in ("ce", "ginf"), "finetune.loss", f"must be ce or ginf, got {self.loss!r}")
@@ -254,6 +257,7 @@ class FinetuneConfig:
         _check(self.hard_cap_per_class >= 1, "finetune.hard_cap_per_class", f"must be >= 1, got {self.hard_cap_per_class}")
         _check(self.replay_fraction >= 0, "finetune.replay_fraction", f"must be >= 0, got {self.replay_fraction}")
         _check(self.n_hvg >= 0, "finetune.n_hvg", f"must be >= 0 (0 = all genes), got {self.n_hvg}")
+        _check(self.head in ("transformer", "linear", "joint"), "finetune.head", f"must be transformer, linear or joint, got {self.head!r}")
         _check(0.0 < self.val_fraction < 1.0, "finetune.val_fraction", f"must be in (0, 1), got {self.val_fraction}")
         _check(
             0.0 < self.rare_class_threshold < 1.0,
