@@ -30,6 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-overlap", type=float, default=0.25, help="least share of the query's genes the model must know")
     p.add_argument("--out", type=Path, default=None, help="folder for the confusion matrix and per-class table")
     p.add_argument("--json", action="store_true", help="end with one JSON line of the metrics")
+    _add_adapt_priors(p)
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser(
@@ -62,7 +63,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plot", type=Path, default=None, help="UMAP of the embeddings, coloured by label, as PNG")
     p.add_argument("--tracking-uri", default=None, help="for models:/ URIs")
     p.add_argument("--no-progress", action="store_true")
+    _add_adapt_priors(p)
     p.set_defaults(func=_annotate)
+
+
+def _add_adapt_priors(p: argparse.ArgumentParser) -> None:
+    from finetune.priors import DEFAULT_ADAPT_PRIORS
+
+    p.add_argument("--adapt-priors", action=argparse.BooleanOptionalAction, default=DEFAULT_ADAPT_PRIORS,
+                   help="re-estimate the query's class mix by EM and re-weight the probabilities (label shift)")
 
 
 def _finetune(args: argparse.Namespace) -> int:
@@ -101,6 +110,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     for _, p, _ in ann.iter_predictions(adata, batch_size=args.batch_size, gene_column=args.gene_column, min_overlap=args.min_overlap):
         probs.append(p)
     proba = np.concatenate(probs)
+    if args.adapt_priors:
+        proba, _ = ann.adapt_priors(proba)
     index = {n: i for i, n in enumerate(ann.labels)}
     y = np.array([index.get(t, -1) for t in truth])
     known = y >= 0
@@ -185,6 +196,7 @@ def _annotate(args: argparse.Namespace) -> int:
         gene_column=args.gene_column,
         min_overlap=args.min_overlap,
         progress=bar,
+        adapt_priors=args.adapt_priors,
     )
     print(ann.last_mapping.describe())
     args.output.parent.mkdir(parents=True, exist_ok=True)
