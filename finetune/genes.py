@@ -17,17 +17,46 @@ broken by gene id. Only the training split is looked at, never validation or hel
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from data_store.store import CorpusStore
 from hiceller.errors import InputError
 
-__all__ = ["TARGET_SUM", "N_BINS", "dispersion_scores", "highly_variable_genes"]
+__all__ = ["TARGET_SUM", "N_BINS", "dispersion_scores", "highly_variable_genes", "read_query_genes"]
 
 TARGET_SUM = 1e4
 """Counts per cell after normalisation."""
 N_BINS = 20
 """Bins of mean expression within which dispersions are compared."""
+
+
+def read_query_genes(path: Path) -> set[str]:
+    """Upper-cased gene symbols a query measures: an .h5ad's var_names, or a text file of one per line.
+
+    ``finetune --query-genes``: when the target data set is known, the classifier is trained on the
+    genes it has, so no decision rests on a gene the query cannot show (Xin measures 980 genes,
+    Wang 219; a model trained on 2,000 reference genes would read mostly zeros there)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"--query-genes {path}: file does not exist")
+    if path.suffix == ".h5ad":
+        import anndata as ad
+
+        try:
+            names = ad.read_h5ad(path, backed="r").var_names
+        except Exception as e:
+            raise InputError(f"--query-genes {path}: not a readable .h5ad file ({type(e).__name__})") from None
+    else:
+        try:
+            names = [line.strip() for line in path.read_text().splitlines()]
+        except UnicodeDecodeError:
+            raise InputError(f"--query-genes {path}: not a text file of gene names (or an .h5ad)") from None
+    genes = {str(n).upper() for n in names if str(n).strip() and not str(n).startswith("#")}
+    if not genes:
+        raise InputError(f"--query-genes {path}: no gene names in it")
+    return genes
 
 
 def highly_variable_genes(store: CorpusStore, joinids: np.ndarray, n_top: int, candidates: np.ndarray) -> np.ndarray:

@@ -38,6 +38,8 @@ def add_finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label-column", default="cell_type", help="label column (store: cell_type; --h5ad: any obs column)")
     p.add_argument("--batch-column", default="batch", help="--h5ad: obs column naming donors (default: batch)")
     p.add_argument("--holdout-donors", nargs="*", default=None, help="donors kept out of training, evaluated as test")
+    p.add_argument("--query-genes", type=Path, default=None,
+                   help="train on the genes this query measures only: an .h5ad (its var_names) or a text file, one gene per line")
     p.add_argument("--min-gene-overlap", type=float, default=0.25, help="least share of the store's genes the pretrained vocabulary must know")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--tracking-uri", default=None)
@@ -96,6 +98,9 @@ def run_finetune(args: argparse.Namespace) -> int:
         raise InputError(f"run folder {out} is not empty; choose a new --out")
     if args.h5ad is not None and not args.h5ad.is_file():
         raise InputError(f"{args.h5ad}: file does not exist")
+    from finetune.genes import read_query_genes
+
+    query_genes = read_query_genes(args.query_genes) if args.query_genes is not None else None
     from finetune.weights import load_pretrained
 
     pre = load_pretrained(args.pretrained)
@@ -159,7 +164,9 @@ def run_finetune(args: argparse.Namespace) -> int:
     def fresh_task(state: dict[str, torch.Tensor], with_head: bool) -> ClassifierTask:
         torch.manual_seed(cfg.train.seed)
         model = CellerModel(pre.model_cfg, n_genes=len(pre.vocab), n_bins=pre.n_bins)
-        task = ClassifierTask(model, len(names), cfg.finetune.loss, counts, cfg.finetune.ginf_mu, cfg.finetune.ginf_sigma)
+        task = ClassifierTask(
+            model, len(names), cfg.finetune.loss, counts, cfg.finetune.ginf_mu, cfg.finetune.ginf_sigma, head=cfg.finetune.head
+        )
         if with_head:
             task.load_state_dict(state, strict=True)
         else:
@@ -171,6 +178,9 @@ def run_finetune(args: argparse.Namespace) -> int:
         return task
 
     input_genes = None
+    if query_genes is not None:
+        gene_map = _restrict_to_query(gene_map, store_vocab, query_genes)
+        input_genes = [pre.vocab[i] for i in np.unique(gene_map[gene_map >= 0])]
     if cfg.finetune.n_hvg:
         hv = _variable_genes(cfg, dist, store, joinids[split.train_idx], np.flatnonzero(gene_map >= 0))
         kept = gene_map[hv]
@@ -202,6 +212,17 @@ def run_finetune(args: argparse.Namespace) -> int:
             rare = "n/a" if t.get("rare_class_f1") is None else f"{t['rare_class_f1']:.3f}"
             print(f"test: accuracy {t['accuracy']:.3f}, macro-F1 {t['macro_f1']:.3f}, rare-class F1 {rare}", flush=True)
     return 0
+
+
+def _restrict_to_query(gene_map: np.ndarray, store_vocab: list[str], wanted: set[str]) -> np.ndarray:
+    """``gene_map`` with every store gene the query does not measure (``--query-genes``) mapped to -1."""
+    measured = np.array([g.upper() in wanted for g in store_vocab], dtype=bool)
+    restricted = np.where(measured, gene_map, -1)
+    n = int((restricted >= 0).sum())
+    if n == 0:
+        raise InputError(f"--query-genes: none of the query's {len(wanted)} genes is both in the training cells and in the pretrained vocabulary")
+    print(f"reading the {n} genes shared by the query ({len(wanted)} genes), the training cells and the pretrained vocabulary", flush=True)
+    return restricted
 
 
 def _follow_pretrained(cfg: RunConfig, pre: Any, overrides: list[str]) -> RunConfig:
@@ -418,7 +439,7 @@ def _write_bundle(ctx: _Context, state, summary: dict[str, Any]) -> None:
         ctx.names,
         ctx.counts.tolist(),
         metrics=summary,
-        extra_config={"loss": ctx.cfg.finetune.loss, "pretrained": str(ctx.pre.source)},
+        extra_config={"loss": ctx.cfg.finetune.loss, "head": ctx.cfg.finetune.head, "pretrained": str(ctx.pre.source)},
         input_genes=ctx.input_genes,
     )
 

@@ -360,3 +360,37 @@ def test_finetune_on_two_ranks(world, tmp_path):
     q = query_h5ad(tmp_path / "q.h5ad", world["tissue"], n=40)
     out = Annotator.load(two / "model").annotate(ad.read_h5ad(q))
     assert out.obsm["X_celler"].shape == (40, b2.model_cfg.d_model) and out.obs["celler_label"].notna().all()
+
+
+def test_finetune_on_query_genes_with_joint_head(world, tmp_path):
+    """--query-genes: the classifier reads only genes the query measures (variable genes chosen among
+    them); the joint head survives export; annotation re-estimates the query's priors on request."""
+    q = ad.read_h5ad(query_h5ad(tmp_path / "q.h5ad", world["tissue"], n=40))
+    few = q[:, :80].copy()
+    few.write_h5ad(tmp_path / "few.h5ad")
+    ft = tmp_path / "qg"
+    hc(
+        "finetune", "--store", str(world["store"]), "--pretrained", str(world["pre"]), "--tissue", world["tissue"], "--out", str(ft),
+        "--query-genes", str(tmp_path / "few.h5ad"), "--set", "finetune.head=joint", "--set", "finetune.n_hvg=30",
+        "--set", "finetune.epochs=1", "--set", "finetune.mining_rounds=0", "--no-progress",
+    )
+    bundle = load_bundle(ft / "model")
+    assert bundle.head == "joint" and bundle.state_dict["wide.weight"].shape == (len(bundle.vocab) + 2, len(bundle.labels))
+    assert len(bundle.input_genes) == 30 and set(bundle.input_genes) <= {g.upper() for g in few.var_names}
+    exported = tmp_path / "exported"
+    hc("export", "--checkpoint", str(ft), "--out", str(exported), "--no-mlflow")
+    assert load_bundle(exported).head == "joint"
+    out = Annotator.load(exported).annotate(few, adapt_priors=True)
+    priors = out.uns["celler"]["priors"]
+    assert set(priors) == set(bundle.labels) and sum(priors.values()) == pytest.approx(1.0)
+    cli = tmp_path / "cli.h5ad"
+    hc("annotate", "--model", str(exported), "--input", str(tmp_path / "few.h5ad"), "--output", str(cli), "--adapt-priors", "--no-progress")
+    assert list(ad.read_h5ad(cli).obs["celler_label"].astype(str)) == list(out.obs["celler_label"].astype(str))
+    # a gene list sharing nothing with the training cells: one line, exit 2, nothing written
+    (tmp_path / "none.txt").write_text("NOT_A_GENE\nALSO_NOT\n")
+    bad = hc("finetune", "--store", str(world["store"]), "--pretrained", str(world["pre"]), "--out", str(tmp_path / "bad"),
+             "--query-genes", str(tmp_path / "none.txt"), "--no-progress", check=False)
+    assert bad.returncode == 2 and "none of the query's 2 genes" in bad.stderr
+    missing = hc("finetune", "--store", str(world["store"]), "--pretrained", str(world["pre"]), "--out", str(tmp_path / "bad2"),
+                 "--query-genes", str(tmp_path / "nope.h5ad"), "--no-progress", check=False)
+    assert missing.returncode == 2 and "does not exist" in missing.stderr and not (tmp_path / "bad2").exists()
