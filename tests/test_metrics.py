@@ -156,21 +156,22 @@ def test_labelled_report_leaves_out_unknown_labels() -> None:
         labelled_report(np.array([-1, -1]), proba[:2], ["a", "b"], [50, 50])
 
 
-def test_benchmark_reads_the_report_over_test_classes() -> None:
-    """bench/annotate_quality.py's second reading: a type predicted but absent from the test labels
-    (a phantom) counts as F1 0 in the report's means and is left out of the test-class means."""
+def test_benchmark_scores_over_the_query_classes() -> None:
+    """bench/quality_tasks.py's one reading: macro-F1 over the classes of the query's truth; a type
+    predicted but absent from the truth (a phantom) is counted beside, not averaged in; a class of
+    the truth the model cannot name scores 0; rare = under 1% of the reference."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("aq", Path(__file__).parents[1] / "bench" / "annotate_quality.py")
-    aq = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(aq)
-    names = ["big", "mid", "rare_a", "rare_b"]
-    y_true = np.array([0] * 8 + [1] * 4 + [2])
-    y_pred = np.array([0] * 7 + [3] + [1] * 4 + [2])  # one big cell called rare_b, which the test set lacks
-    report = classification_report(y_true, y_pred, None, names, np.array([900, 95, 3, 2]))
-    assert report["rare_classes"] == ["rare_a", "rare_b"] and report["rare_class_f1"] == pytest.approx(0.5)
-    view = aq.read_report(report)
-    assert view["phantom"] == ["rare_b"]
-    assert view["rare_class_f1_test_classes"] == pytest.approx(1.0)
-    assert view["macro_f1_test_classes"] == pytest.approx(np.mean([f1_score(y_true == 0, y_pred == 0), 1.0, 1.0]))
-    assert report["macro_f1"] == pytest.approx(view["macro_f1_test_classes"] * 3 / 4)
+    spec = importlib.util.spec_from_file_location("qt", Path(__file__).parents[1] / "bench" / "quality_tasks.py")
+    qt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(qt)
+    train = ["big"] * 900 + ["mid"] * 95 + ["rare_a"] * 3 + ["rare_b"] * 2
+    truth = ["big"] * 8 + ["mid"] * 4 + ["rare_a"] + ["unknown"]
+    pred = ["big"] * 7 + ["rare_b"] + ["mid"] * 4 + ["rare_a"] + ["big"]
+    r = qt.score(truth, pred, train)
+    assert r["phantom"] == ["rare_b"] and r["phantom_cells"] == 1
+    big = f1_score(np.array(truth) == "big", np.array(pred) == "big")
+    assert r["per_class_f1"] == pytest.approx({"big": big, "mid": 1.0, "rare_a": 1.0, "unknown": 0.0})
+    assert r["macro_f1"] == pytest.approx((big + 2.0) / 4)
+    assert r["rare_class_f1"] == pytest.approx((1.0 + 0.0) / 2)  # rare_a and the never-seen "unknown"
+    assert r["accuracy"] == pytest.approx(12 / 14)
