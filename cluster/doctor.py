@@ -1,5 +1,7 @@
 """``hiceller doctor``: is this machine ready to train? One line per check, with the fix.
 
+``--json`` also names the attention backend runs will use here (``attention_backend``).
+
 Each check imports what it probes inside the check (torch, deepspeed, tiledbsoma, mlflow), so a
 broken library shows up as a failed line instead of a crash, and importing this module is cheap.
 Libraries that print banners on stdout (DeepSpeed's logger does) are sent to stderr while the
@@ -29,6 +31,7 @@ __all__ = [
     "check_store",
     "check_tracking",
     "check_disk",
+    "check_attention",
 ]
 
 GPU_EXTRA_FIX = "pip install 'hiceller[gpu]'"
@@ -47,6 +50,8 @@ class Check:
     name: str
     detail: str
     fix: str = ""
+    value: str = ""
+    """The machine-readable answer where a check has one (the attention check: the backend name)."""
 
 
 def format_check(c: Check) -> str:
@@ -56,9 +61,10 @@ def format_check(c: Check) -> str:
 
 
 def checks_to_json(checks: list[Check]) -> str:
-    """One JSON object: overall ok and the list of checks."""
+    """One JSON object: overall ok, the attention backend runs will use, and the list of checks."""
     ok = not any(c.status == "fail" for c in checks)
-    return json.dumps({"ok": ok, "checks": [asdict(c) for c in checks]}, indent=2)
+    backend = next((c.value for c in checks if c.name == "attention" and c.value), None)
+    return json.dumps({"ok": ok, "attention_backend": backend, "checks": [asdict(c) for c in checks]}, indent=2)
 
 
 def detect_device() -> str:
@@ -97,28 +103,38 @@ def check_torch() -> list[Check]:
     return out
 
 
-def _flash_attn_matches_sdpa() -> float:
-    """Max abs difference between flash-attn varlen and per-sequence SDPA on a tiny packed input."""
+def _kernel_matches_sdpa(backend: str) -> float:
+    """Max abs difference between a GPU attention backend and per-cell SDPA on a tiny packed input."""
     import torch
-    import torch.nn.functional as F
-    from flash_attn import flash_attn_varlen_func
 
-    torch.manual_seed(0)
-    lens = [3, 5]
-    q, k, v = (torch.randn(sum(lens), 2, 32, device="cuda", dtype=torch.float16) for _ in range(3))
-    cu = torch.tensor([0, 3, 8], device="cuda", dtype=torch.int32)
-    out = flash_attn_varlen_func(q, k, v, cu, cu, max(lens), max(lens))
-    diffs = []
-    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
-        ref = F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1) for t in (q, k, v))).transpose(0, 1)
-        diffs.append((out[a:b] - ref).abs().max().item())
-    return max(diffs)
+    from pretrain.attention import varlen_attention
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    lens = [3, 5, 1]
+    q, k, v = (torch.randn(sum(lens), 2, 32, device="cuda", dtype=torch.float16, generator=g) for _ in range(3))
+    cu = torch.tensor([0, 3, 8, 9], device="cuda", dtype=torch.int32)
+    out = varlen_attention(q, k, v, cu, max(lens), backend=backend)
+    ref = varlen_attention(q, k, v, cu, max(lens), backend="sdpa")
+    return (out.float() - ref.float()).abs().max().item()
+
+
+def _torch_varlen_usable() -> bool:
+    import torch
+
+    from pretrain.attention import backend_unusable_reason
+
+    q = torch.empty((0, 1, 64), device="cuda", dtype=torch.bfloat16)
+    return not backend_unusable_reason("torch_varlen", q)
 
 
 def check_flash_attn() -> list[Check]:
     try:
         import flash_attn
     except ImportError as e:
+        import torch
+
+        if torch.cuda.is_available() and _torch_varlen_usable():
+            return [Check("ok", "flash-attn", "not installed; not needed: torch's own varlen_attn runs instead (no build)")]
         detail = "not installed: attention falls back to torch SDPA"
         if "No module named" not in str(e):
             detail = f"installed but not importable ({e}): attention falls back to torch SDPA"
@@ -127,11 +143,39 @@ def check_flash_attn() -> list[Check]:
 
     if not torch.cuda.is_available():
         return [Check("ok", "flash-attn", f"{flash_attn.__version__} importable; not run (no CUDA)")]
-    diff = _flash_attn_matches_sdpa()
+    diff = _kernel_matches_sdpa("flash")
     if diff > 2e-2:
         return [Check("fail", "flash-attn", f"{flash_attn.__version__} differs from SDPA by {diff:.3g}",
                       "pip install --force-reinstall --no-build-isolation flash-attn")]
     return [Check("ok", "flash-attn", f"{flash_attn.__version__} varlen matches SDPA (max diff {diff:.1e})")]
+
+
+def check_attention() -> list[Check]:
+    """The backend ``model.attention = "auto"`` picks for a base-preset run (bf16, head size 64) on
+    this machine, checked against SDPA where it is a GPU kernel; ``value`` is the backend name."""
+    import torch
+
+    from hiceller.config import load_config
+    from pretrain.attention import backend_unusable_reason, resolve_backend_for
+
+    cfg = load_config("base")
+    head_dim = cfg.model.d_model // cfg.model.n_heads
+    if not torch.cuda.is_available():
+        return [Check("ok", "attention", "sdpa (no CUDA device); on a GPU with a CUDA build of torch >= 2.10, auto "
+                                         "picks flash-attn if installed, else torch_varlen (no build)", value="sdpa")]
+    device = torch.device("cuda", torch.cuda.current_device())
+    backend = resolve_backend_for("auto", device, torch.bfloat16, head_dim)
+    if backend == "sdpa":
+        why = backend_unusable_reason("torch_varlen", torch.empty((0, 1, head_dim), device=device, dtype=torch.bfloat16))
+        return [Check("warn", "attention", f"sdpa for bf16 runs: no packed kernel runs here ({why}); SDPA per cell is slower",
+                      "use torch >= 2.10 on an Ampere or newer GPU, or pip install 'hiceller[gpu]'", value="sdpa")]
+    diff = _kernel_matches_sdpa(backend)
+    if diff > 2e-2:
+        return [Check("fail", "attention", f"{backend} differs from SDPA by {diff:.3g}",
+                      "set model.attention = \"sdpa\" and report the torch/GPU versions", value=backend)]
+    what = "torch.nn.attention.varlen, no build" if backend == "torch_varlen" else "flash-attn package"
+    return [Check("ok", "attention", f"{backend} ({what}) for bf16/fp16 runs, matches SDPA (max diff {diff:.1e}); "
+                                     "fp32 runs use sdpa", value=backend)]
 
 
 def check_deepspeed() -> list[Check]:
@@ -281,6 +325,7 @@ def run_checks(store: str | None = None, tracking_uri: str | None = None, out: s
         ("python", check_python),
         ("torch", check_torch),
         ("flash-attn", check_flash_attn),
+        ("attention", check_attention),
         ("deepspeed", check_deepspeed),
         ("tiledbsoma", check_tiledbsoma),
     ]

@@ -82,9 +82,18 @@ def zero_section(ds: DeepSpeedConfig, model: ModelConfig, device: str) -> dict[s
     return zero
 
 
-def precision_sections(precision: str, device: str) -> dict[str, Any]:
-    """``bf16`` or ``fp16`` blocks (nothing for fp32); fp16 needs a GPU."""
+def precision_sections(precision: str, device: str, autocast: bool = False) -> dict[str, Any]:
+    """``bf16`` or ``fp16`` blocks (nothing for fp32); fp16 needs a GPU.
+
+    ``autocast`` (bf16 only): a ``torch_autocast`` block instead of ``bf16``, so weights, gradients
+    and optimizer stay fp32 and the forward pass runs under ``torch.autocast`` (Linear weights are
+    still reduced across ranks in bf16, DeepSpeed's default for autocast).
+    """
     _check_device(device)
+    if autocast:
+        if precision != "bf16":
+            raise ConfigError(f"config key train.autocast: needs deepspeed.precision = \"bf16\", got {precision!r}")
+        return {"torch_autocast": {"enabled": True, "dtype": "bfloat16"}}
     if precision == "fp32":
         return {}
     if precision == "bf16":
@@ -121,7 +130,7 @@ def deepspeed_config(cfg: RunConfig, world_size: int, device: str) -> dict[str, 
         "steps_per_print": _STEPS_PER_PRINT,
         "wall_clock_breakdown": False,
     }
-    out.update(precision_sections(cfg.deepspeed.precision, device))
+    out.update(precision_sections(cfg.deepspeed.precision, device, autocast=cfg.train.autocast))
     if cfg.deepspeed.offload_optimizer:
         # The optimizer is a client torch AdamW; DeepSpeed refuses it under offload unless told that
         # this is intended (its CPUAdam would be faster, but would change the optimizer maths).

@@ -21,7 +21,6 @@ Backends take the same inputs and no parameters, so a model's weights do not dep
 
 from __future__ import annotations
 
-import functools
 from typing import Callable
 
 import torch
@@ -51,9 +50,8 @@ _HINTS = {
 }
 
 
-@functools.cache
-def _load_flash() -> tuple[Callable[..., Tensor] | None, str]:
-    """``(flash_attn_varlen_func, "")`` or ``(None, why it cannot be imported)``; imported once."""
+def _import_flash() -> tuple[Callable[..., Tensor] | None, str]:
+    """``(flash_attn_varlen_func, "")`` or ``(None, why it cannot be imported)``."""
     try:
         from flash_attn import flash_attn_varlen_func
     except (ImportError, OSError) as e:  # OSError: a wheel built against another CUDA/torch ABI
@@ -61,8 +59,7 @@ def _load_flash() -> tuple[Callable[..., Tensor] | None, str]:
     return flash_attn_varlen_func, ""
 
 
-@functools.cache
-def _load_torch_varlen() -> tuple[Callable[..., Tensor] | None, str]:
+def _import_torch_varlen() -> tuple[Callable[..., Tensor] | None, str]:
     """``(torch.nn.attention.varlen.varlen_attn, "")`` or ``(None, why this torch lacks it)``."""
     try:
         from torch.nn.attention.varlen import varlen_attn
@@ -73,24 +70,34 @@ def _load_torch_varlen() -> tuple[Callable[..., Tensor] | None, str]:
     return varlen_attn, ""
 
 
-_LOADERS = {"flash": _load_flash, "torch_varlen": _load_torch_varlen}
+_IMPORTERS = {"flash": _import_flash, "torch_varlen": _import_torch_varlen}
+# Imported once per process. Plain dicts rather than functools.cache: torch.compile reads a filled
+# dict as a constant, where it would trace through a cache wrapper (and warn) on every block.
+_KERNELS: dict[str, tuple[Callable[..., Tensor] | None, str]] = {}
+_CAPABILITY: dict[int, tuple[int, int]] = {}
+
+
+def _kernel(name: str) -> tuple[Callable[..., Tensor] | None, str]:
+    """``(kernel function, "")`` or ``(None, why it cannot be imported)`` for a GPU backend."""
+    if name not in _KERNELS:
+        _KERNELS[name] = _IMPORTERS[name]()
+    return _KERNELS[name]
 
 
 def flash_attn_available() -> bool:
     """True when ``flash_attn`` imports and a CUDA device is present."""
-    fn, _ = _load_flash()
-    return fn is not None and torch.cuda.is_available()
+    return _kernel("flash")[0] is not None and torch.cuda.is_available()
 
 
 def torch_varlen_available() -> bool:
     """True when this torch has ``varlen_attn`` with flash kernels and a CUDA device is present."""
-    fn, _ = _load_torch_varlen()
-    return fn is not None and torch.cuda.is_available()
+    return _kernel("torch_varlen")[0] is not None and torch.cuda.is_available()
 
 
-@functools.cache
 def _capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
+    if index not in _CAPABILITY:
+        _CAPABILITY[index] = torch.cuda.get_device_capability(index)
+    return _CAPABILITY[index]
 
 
 def _device_unusable_reason(q: Tensor) -> str:
@@ -106,7 +113,7 @@ def _device_unusable_reason(q: Tensor) -> str:
 
 def backend_unusable_reason(backend: str, q: Tensor) -> str:
     """Why the GPU backend ``backend`` cannot run on tensors like ``q`` ("" when it can)."""
-    fn, why = _LOADERS[backend]()
+    fn, why = _kernel(backend)
     if fn is None:
         return why
     why = _device_unusable_reason(q)
@@ -137,9 +144,12 @@ def resolve_backend(backend: str, q: Tensor) -> str:
             raise RuntimeError(f"attention backend {backend!r} cannot run: {reason}. To use it, {_HINTS[backend]}; "
                                "or set model.attention = \"auto\" / \"sdpa\" (same weights).")
         return backend
-    for candidate in GPU_BACKENDS:
-        if not backend_unusable_reason(candidate, q):
-            return candidate
+    # Written out rather than a loop over GPU_BACKENDS: torch.compile traces this per block, and a
+    # loop over a tuple that returns early made its guards index past the tuple (torch 2.13).
+    if not backend_unusable_reason("flash", q):
+        return "flash"
+    if not backend_unusable_reason("torch_varlen", q):
+        return "torch_varlen"
     return "sdpa"
 
 
@@ -237,7 +247,7 @@ def _torch_varlen(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_seqlen: int, 
     (``is_causal`` then ``window_size``) changed between versions, and the default is non-causal."""
     if dropout_p > 0.0:
         return _aten_flash_attention_forward(q, k, v, cu, cu, max_seqlen, max_seqlen, dropout_p, False, False)[0]
-    varlen_attn, _ = _load_torch_varlen()
+    varlen_attn, _ = _kernel("torch_varlen")
     assert varlen_attn is not None  # resolve_backend returned "torch_varlen" only if it imported
     return varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen)
 
@@ -270,7 +280,7 @@ def varlen_attention(
     q, k, v = (t.contiguous() for t in (q, k, v))
     cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
     if chosen == "flash":
-        flash_varlen, _ = _load_flash()
+        flash_varlen, _ = _kernel("flash")
         assert flash_varlen is not None  # resolve_backend returned "flash" only if it imported
         return flash_varlen(q, k, v, cu, cu, max_seqlen, max_seqlen, dropout_p=dropout_p, causal=False)
     return _torch_varlen(q, k, v, cu, max_seqlen, dropout_p)

@@ -10,6 +10,11 @@ Pretraining and fine-tuning both run through :func:`train`; what differs is the 
 
 Checkpoints (pretrain/checkpoint.py) hold the engine state and every shard's loader position, so
 ``--resume auto`` continues with exactly the batches and masks the uninterrupted run would have used.
+
+On CUDA the loop also takes the GPU path: micro batches are copied one ahead from pinned memory on a
+side stream (pretrain/feed.py), AdamW is DeepSpeed's FusedAdam where it builds (pretrain/optim.py),
+``train.autocast`` runs bf16 autocast under ZeRO, ``train.compile`` compiles the encoder blocks
+(pretrain/parallelize.py). The attention backend, optimizer and these switches are logged with the run.
 """
 
 from __future__ import annotations
@@ -22,20 +27,24 @@ import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import psutil
 import torch
 from torch import nn
 
-from data_store.stream import CellStream
 from hiceller.config import RunConfig
 from hiceller.errors import HicellerError
 from hiceller.parallel_dims import BatchDims
 from pretrain import checkpoint as ckpt
 from pretrain.distributed import DistInfo
+from pretrain.feed import MicroBatchFeed
+from pretrain.optim import OptimizerChoice, make_optimizer
 from pretrain.task import micro_seed
 from pretrain.tracking import Tracker
+
+if TYPE_CHECKING:  # the loop only iterates streams; no store stack needed to run it
+    from data_store.stream import CellStream
 
 __all__ = ["LoopResult", "warmup_cosine", "train", "make_optimizer", "full_state_dict"]
 
@@ -58,15 +67,49 @@ def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def make_optimizer(module: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
-    """Torch AdamW (DeepSpeed's fused/CPU Adam would compile ops on first use); no decay on
-    biases, norms and embeddings' padding-free vectors of rank 1."""
-    decay, no_decay = [], []
-    for p in module.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.98), eps=1e-8)
+def _compute_dtype(cfg: RunConfig) -> torch.dtype:
+    """The dtype activations (and so attention inputs) have in this run."""
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.deepspeed.precision]
+
+
+def _attention_backend(cfg: RunConfig, device: torch.device) -> str:
+    """The attention backend this run's model.attention resolves to; an explicit backend that cannot
+    run here fails now, in one line, instead of inside the first forward pass."""
+    from pretrain.attention import resolve_backend_for
+
+    head_dim = cfg.model.d_model // cfg.model.n_heads
+    try:
+        return resolve_backend_for(cfg.model.attention, device, _compute_dtype(cfg), head_dim)
+    except RuntimeError as e:
+        raise HicellerError(str(e)) from None
+
+
+def _apply_compile(task: nn.Module) -> None:
+    from pretrain.parallelize import apply_compile
+
+    model = getattr(task, "model", None)
+    if model is None or not hasattr(model, "blocks"):
+        raise HicellerError(f"train.compile: {type(task).__name__} has no .model with encoder blocks to compile")
+    apply_compile(model)
+
+
+def _report_setup(cfg: RunConfig, attention: str, opt: OptimizerChoice, dist: DistInfo, tracker: Tracker, log_prefix: str) -> None:
+    """What this run computes with, on stdout and as MLflow tags (rank 0)."""
+    tags = {
+        "attention_backend": attention,
+        "optimizer": opt.name,
+        "autocast": cfg.train.autocast,
+        "compile": cfg.train.compile,
+        "device": dist.device.type,
+    }
+    if opt.note:
+        tags["optimizer_note"] = opt.note
+    if not dist.is_main:
+        return
+    tracker.set_tags(tags)
+    note = f" ({opt.note})" if opt.note else ""
+    print(f"{log_prefix}attention {attention}, optimizer {opt.name}{note}, autocast {cfg.train.autocast}, "
+          f"compile {cfg.train.compile}", flush=True)
 
 
 def _all_reduce_mean(values: list[float], dist: DistInfo) -> list[float]:
@@ -93,7 +136,7 @@ def _memory_mb(device: torch.device) -> float:
 def train(
     cfg: RunConfig,
     task: nn.Module,
-    streams: list[CellStream],
+    streams: list["CellStream"],
     run_dir: Path,
     dist: DistInfo,
     tracker: Tracker,
@@ -112,11 +155,16 @@ def train(
     dims = BatchDims.from_train(cfg.train, dist.world_size)
     device_kind = "cuda" if dist.device.type == "cuda" else "cpu"
     ds_cfg = deepspeed_config(cfg, dist.world_size, device_kind)
-    optimizer = make_optimizer(task, cfg)
+    attention = _attention_backend(cfg, dist.device)
+    if cfg.train.compile:
+        _apply_compile(task)
+    opt = make_optimizer(task, cfg, dist.device)
+    optimizer = opt.optimizer
     sched = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: warmup_cosine(s, cfg.train.steps, cfg.train.warmup_steps, cfg.train.min_lr_ratio)
     )
     engine, _, _, _ = deepspeed.initialize(model=task, optimizer=optimizer, lr_scheduler=sched, config=ds_cfg)
+    _report_setup(cfg, attention, opt, dist, tracker, log_prefix)
     run_dir = Path(run_dir)
     metrics_path = run_dir / "metrics.jsonl"
 
@@ -133,8 +181,7 @@ def train(
         else:
             _trim_metrics(metrics_path, step)
 
-    shards = len(streams)
-    iters = [iter(s.dataloader(num_workers=cfg.data.num_workers)) for s in streams]
+    feed = MicroBatchFeed(task, streams, cfg, dist.device, lookahead=dist.device.type == "cuda")
     result = LoopResult(step=step)
     bar = None
     if dist.is_main and progress:
@@ -147,12 +194,10 @@ def train(
         torch.manual_seed(micro_seed(cfg.train.seed, step, 0, 10_000 + dist.rank))  # dropout, reproducibly
         sums: dict[str, float] = {}
         cells = tokens = 0
+        saves_after = _saves_after(step + 1, steps_this_run + 1, cfg, stop_after_steps)
         for micro in range(dims.grad_accum):
-            k = micro % shards
-            batch = _next(iters, streams, k, cfg)
-            # Seeded by the shard's own micro index, so a shard draws the same masks whichever
-            # rank reads it (1 rank x 2 shards == 2 ranks x 1 shard).
-            args = task.prepare(batch, micro_seed(cfg.train.seed, step, micro // shards, streams[k].rank), dist.device)
+            last = micro + 1 == dims.grad_accum
+            batch, args = feed.get(step, micro, prefetch=not (last and saves_after))
             loss, metrics = engine(*args)
             engine.backward(loss)
             engine.step()
@@ -192,7 +237,7 @@ def train(
                 bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
         done = step == cfg.train.steps
         stop = stop_after_steps is not None and steps_this_run >= stop_after_steps
-        if step % cfg.train.checkpoint_every == 0 or done or stop:
+        if saves_after:
             result.last_checkpoint = save(engine, run_dir, step, streams, cfg, dist, extra_checkpoint_files)
             if dist.is_main:
                 tracker.set_tags({"last_checkpoint": result.last_checkpoint})
@@ -203,8 +248,14 @@ def train(
         bar.close()
     result.step = step
     result.engine = engine
-    _drop_iterators(iters)
+    feed.close()
     return result
+
+
+def _saves_after(step: int, steps_this_run: int, cfg: RunConfig, stop_after_steps: int | None) -> bool:
+    """Whether the loop checkpoints once optimizer step ``step`` (1-based) is done."""
+    stop = stop_after_steps is not None and steps_this_run >= stop_after_steps
+    return step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps or stop
 
 
 def full_state_dict(engine) -> dict[str, torch.Tensor]:
@@ -218,25 +269,7 @@ def full_state_dict(engine) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
 
 
-def _next(iters: list, streams: list[CellStream], k: int, cfg: RunConfig):
-    """Next batch of shard k; at the end of an epoch start the next one (same epoch on every rank)."""
-    try:
-        return next(iters[k])
-    except StopIteration:
-        s = streams[k]
-        s.set_epoch(s.epoch + 1)
-        iters[k] = iter(s.dataloader(num_workers=cfg.data.num_workers))
-        return next(iters[k])
-
-
-def _drop_iterators(iters: list) -> None:
-    for it in iters:
-        close = getattr(it, "close", None)
-        if close:
-            close()
-
-
-def save(engine, run_dir: Path, step: int, streams: list[CellStream], cfg: RunConfig, dist: DistInfo, extra=None) -> Path:
+def save(engine, run_dir: Path, step: int, streams: list["CellStream"], cfg: RunConfig, dist: DistInfo, extra=None) -> Path:
     """A collective checkpoint; COMPLETE is written by rank 0 only after every rank has saved."""
     root = ckpt.checkpoint_root(run_dir)
     tag = ckpt.tag_for(step)
@@ -343,7 +376,7 @@ def _check_files(cp: Path) -> None:
             raise HicellerError(f"checkpoint file {f} is damaged ({e}); not resuming from it{_earlier_hint(cp)}") from None
 
 
-def _load(engine, cp: Path, streams: list[CellStream], dist: DistInfo) -> int:
+def _load(engine, cp: Path, streams: list["CellStream"], dist: DistInfo) -> int:
     try:
         meta = json.loads((cp / "meta.json").read_text())
     except (OSError, ValueError) as e:

@@ -97,7 +97,7 @@ class EncoderBlock(nn.Module):
     """Pre-LayerNorm transformer block: x + Attn(LN(x)), then x + FFN(LN(x)).
 
     The fused ``qkv`` projection is the only attention parameter besides ``out_proj``; the attention
-    backend is a function choice, so weights are interchangeable between flash and SDPA.
+    backend is a function choice, so weights are interchangeable between flash, torch_varlen and SDPA.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
