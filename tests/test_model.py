@@ -12,7 +12,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from hiceller.config import ModelConfig, load_config
-from pretrain.attention import flash_attn_available
+from pretrain.attention import flash_attn_available, torch_varlen_available
 from pretrain.flops import PEAK_FLOPS, mfu, model_flops_per_token, token_weighted_seqlen
 from pretrain.model import CLS_ID, MASK_VALUE, N_SPECIAL, PAD_ID, CellerModel, count_parameters
 from pretrain.parallelize import apply_activation_checkpointing, is_activation_checkpointed
@@ -95,19 +95,19 @@ def test_init_is_deterministic_under_manual_seed() -> None:
     assert 0.015 < a["blocks.0.ff1.weight"].std() < 0.025
 
 
-def test_sdpa_state_dict_loads_under_auto_and_flash() -> None:
+def test_sdpa_state_dict_loads_under_every_backend() -> None:
     cells = _cells(LENGTHS)
     source = _model()
     buffer = io.BytesIO()
     torch.save(source.state_dict(), buffer)
-    for attention in ("auto", "flash"):
+    for attention in ("auto", "flash", "torch_varlen"):
         buffer.seek(0)
         target = _model(dataclasses.replace(DEBUG, attention=attention), seed=123)
         target.load_state_dict(torch.load(buffer, weights_only=True), strict=True)
         if attention == "auto":
             torch.testing.assert_close(target(**cells).hidden, source(**cells).hidden, atol=0.0, rtol=0.0)
-        elif not flash_attn_available():
-            with pytest.raises(RuntimeError, match="flash"):
+        else:  # fp32 on CPU: a GPU backend refuses by name instead of running something else
+            with pytest.raises(RuntimeError, match=attention):
                 target(**cells)
 
 
@@ -211,3 +211,24 @@ def test_flash_model_matches_sdpa_model_on_gpu() -> None:
     flash = _model(dataclasses.replace(DEBUG, attention="flash")).cuda().to(torch.bfloat16)
     flash.load_state_dict(sdpa.state_dict(), strict=True)
     torch.testing.assert_close(flash(**cells).hidden.float(), sdpa(**cells).hidden.float(), atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.gpu
+def test_torch_varlen_model_matches_sdpa_model_on_gpu() -> None:
+    """Forward and gradients of the whole model, torch's varlen kernel vs SDPA, same bf16 weights."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    if not torch_varlen_available():
+        pytest.skip("needs torch >= 2.10 with flash-attention kernels (torch.nn.attention.varlen)")
+    cells = {k: (v.cuda() if torch.is_tensor(v) else v) for k, v in _cells(LENGTHS).items()}
+    models = [_model().cuda().to(torch.bfloat16), _model(dataclasses.replace(DEBUG, attention="torch_varlen")).cuda().to(torch.bfloat16)]
+    models[1].load_state_dict(models[0].state_dict(), strict=True)
+    upstream = torch.randn(sum(LENGTHS), DEBUG.d_model, device="cuda")
+    outs = []
+    for m in models:
+        hidden = m(**cells).hidden
+        (hidden.float() * upstream).sum().backward()
+        outs.append((hidden.float(), {n: p.grad.float() for n, p in m.named_parameters() if p.grad is not None and p.grad.any()}))
+    torch.testing.assert_close(outs[1][0], outs[0][0], atol=5e-2, rtol=5e-2)
+    for name, g in outs[0][1].items():
+        assert ((outs[1][1][name] - g).norm() / g.norm()).item() < 3e-2, name
