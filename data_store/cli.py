@@ -1,4 +1,4 @@
-"""`hiceller ingest`, `hiceller synth`, `hiceller info`."""
+"""`hiceller ingest`, `hiceller synth`, `hiceller info`, `hiceller store optimize`."""
 
 from __future__ import annotations
 
@@ -19,11 +19,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "ingest",
         help="append .h5ad files to a TileDB-SOMA corpus store (one dataset per file)",
-        description="Validate each .h5ad fully, then append it to the store in chunks of cells. "
-        "Nothing is written when any file is bad; an interrupted ingest is finished by re-running it.",
+        description="Validate each .h5ad fully, then append the files to the store in batches of cells. "
+        "Nothing is written when any file is bad; an interrupted ingest is finished by re-running it "
+        "(datasets already complete from the same file are skipped).",
     )
     p.add_argument("--store", required=True, help="store directory or s3:// URI (created if missing)")
-    p.add_argument("files", nargs="+", type=Path, metavar="FILE.h5ad")
+    p.add_argument("files", nargs="*", type=Path, metavar="FILE.h5ad")
+    p.add_argument(
+        "--manifest",
+        type=Path,
+        help="TSV of files to ingest: a 'path' column, and optional dataset_id, tissue, disease, label, batch "
+        "columns per file (empty cells take the flags below)",
+    )
     p.add_argument("--label-column", default="cell_type", type=_none_or, help="obs label column, or 'none' (default: cell_type)")
     p.add_argument("--batch-column", default="batch", type=_none_or, help="obs column stored as donor_id (default: batch)")
     p.add_argument("--tissue", help="tissue of every cell (else obs['tissue'] or 'unknown')")
@@ -33,8 +40,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--require-overlap", action="store_true", help="refuse a file sharing no gene with a non-empty store")
     p.add_argument("--skip-existing", action="store_true", help="skip files whose dataset id is already complete")
     p.add_argument("--chunk-nnz", type=int, default=None, help="non-zeros per write chunk (memory bound)")
+    p.add_argument("--no-optimize", action="store_true", help="do not optimize what this ingest wrote, even when it wrote many fragments")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_ingest)
+
+    p = sub.add_parser("store", help="store maintenance: `hiceller store optimize`")
+    actions = p.add_subparsers(dest="action", metavar="ACTION")
+    actions.required = True
+    o = actions.add_parser(
+        "optimize",
+        help="consolidate and vacuum the store's fragments (TileDB consolidation)",
+        description="Merge the fragments, fragment footers, commits and array metadata that many writes leave, "
+        "then vacuum what was merged. Safe to kill and re-run; CellStream readers keep reading meanwhile.",
+    )
+    o.add_argument("--store", required=True)
+    o.add_argument("--json", action="store_true", help="print one JSON object")
+    o.set_defaults(func=_optimize)
 
     p = sub.add_parser(
         "synth",
@@ -59,11 +80,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _ingest(args: argparse.Namespace) -> int:
-    from data_store.ingest import DEFAULT_CHUNK_NNZ, IngestOptions, ingest_files
+    from data_store.ingest import DEFAULT_CHUNK_NNZ, IngestOptions, ingest_sources
     from hiceller.progress import progress_factory
 
     if args.chunk_nnz is not None and args.chunk_nnz < 1:
         raise InputError(f"--chunk-nnz must be >= 1, got {args.chunk_nnz}")
+    if bool(args.files) == bool(args.manifest):
+        raise InputError("give either .h5ad files or --manifest FILE.tsv")
+    if args.manifest and args.dataset_id:
+        raise InputError("--dataset-id names one file; a manifest has a dataset_id column")
     opts = IngestOptions(
         label_column=args.label_column,
         batch_column=args.batch_column,
@@ -74,13 +99,50 @@ def _ingest(args: argparse.Namespace) -> int:
         require_overlap=args.require_overlap,
         skip_existing=args.skip_existing,
         chunk_nnz=args.chunk_nnz or DEFAULT_CHUNK_NNZ,
+        optimize=not args.no_optimize,
     )
-    done = ingest_files(args.store, args.files, opts, progress_factory(not args.no_progress))
-    for rec in done:
+    bars = progress_factory(not args.no_progress)
+    if args.manifest:
+        from data_store.manifest import manifest_sources, read_manifest
+
+        sources, labels = manifest_sources(read_manifest(args.manifest), opts)
+        result = ingest_sources(args.store, sources, bars, labels, manifest=args.manifest)
+    else:
+        if opts.dataset_id and len(args.files) > 1:
+            raise InputError("--dataset-id names one dataset; give one file with it")
+        result = ingest_sources(args.store, [(f, opts) for f in args.files], bars)
+    _print_ingest(result)
+    return 0
+
+
+def _print_ingest(result) -> None:
+    many = len(result.done) > 20
+    for rec in result.done if not many else []:
         extra = f"; {'; '.join(rec.notes)}" if rec.notes else ""
         print(f"ingested {rec.dataset_id}: {rec.n_cells} cells, {rec.n_genes} genes ({rec.new_genes} new), {rec.kind}{extra}")
-    if not done:
+    if many:
+        noted = sum(1 for r in result.done if r.notes)
+        print(f"ingested {len(result.done)} datasets: {sum(r.n_cells for r in result.done)} cells, "
+              f"{sum(r.new_genes for r in result.done)} new genes ({noted} with notes: `hiceller info --json`)")
+    if result.skipped:
+        print(f"skipped {len(result.skipped)} dataset(s) already in the store")
+    if not result.done:
         print("nothing to ingest: every dataset is already in the store")
+    if result.optimized:
+        o = result.optimized
+        print(f"optimized what was written: {o['fragments_before']} -> {o['fragments_after']} fragments in {o['seconds']:.1f} s")
+
+
+def _optimize(args: argparse.Namespace) -> int:
+    from data_store.optimize import optimize_store
+
+    report = optimize_store(args.store)
+    if args.json:
+        print(json.dumps(report.as_dict()))
+        return 0
+    frag = "" if report.fragments_before is None else f", fragments {report.fragments_before} -> {report.fragments_after}"
+    files = "" if report.files_before is None else f", files TileDB lists {report.files_before} -> {report.files_after}"
+    print(f"optimized {report.store}: {report.arrays} arrays{frag}{files} in {report.seconds:.1f} s")
     return 0
 
 

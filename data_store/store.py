@@ -2,38 +2,61 @@
 
 Layout (all SOMA objects, readable by any TileDB-SOMA client)::
 
-    STORE/                      SOMAExperiment, metadata["hiceller"] = the dataset registry (JSON)
+    STORE/                      SOMAExperiment, metadata["hiceller"] = {"format": 2, "registry": "datasets"}
+      datasets                  SOMADataFrame, one row per dataset: the registry (data_store/registry.py)
       obs                       soma_joinid, obs_id, cell_type, tissue, disease, donor_id, dataset_id
-      extra_obs/<dataset_id>    SOMADataFrame per dataset: soma_joinid + every other obs column
+      extra_obs/<name>          SOMADataFrame: soma_joinid + every other obs column, for one dataset or
+                                for the datasets of one bulk write that share their columns (the
+                                registry row's ``extra_obs`` names it)
       ms/RNA/var                soma_joinid = vocabulary id, gene (the store-wide gene vocabulary)
       ms/RNA/X/data             SparseNDArray float32 [cells x vocabulary], values as ingested
 
 The gene vocabulary is append-only: a new dataset's genes that are not yet known get the next ids,
 so every X row of every dataset uses the same column space.
 
-Crash safety. A dataset is first *reserved* in the registry (status ``writing``, its joinid range
-fixed), then its X and obs chunks are written, then it is marked ``complete``. Readers only ever
-look at complete datasets' joinid ranges, so a killed ingest leaves a readable store; re-running
-the same ingest rewrites the reserved range. TileDB sparse arrays keep the newest value for a
+Crash safety. Datasets are first *reserved* in the registry (status ``writing``, joinid ranges
+fixed), then their X and obs chunks are written, then they are marked ``complete``. Readers only
+ever look at complete datasets' joinid ranges, so a killed ingest leaves a readable store; re-running
+the same ingest rewrites the reserved ranges. TileDB sparse arrays keep the newest value for a
 coordinate, so the rewrite replaces, never duplicates, a cell.
+
+Costs that stay flat as the store grows. A registry write holds the rows it changes, never the
+whole registry. obs, var and X grow their domains by at least 1.5x at a time: TileDB writes a
+schema version per domain change and loads every version at each open (measured: 0.06 ms more per
+open and 0.09 ms more per change, per version), so growing per dataset would be quadratic.
+``hiceller store optimize`` (data_store/optimize.py) merges the fragments that many writes leave.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import tiledbsoma as soma
 
+from data_store.registry import (
+    FORMAT_VERSION,
+    LEGACY_FORMAT,
+    META_KEY,
+    REGISTRY_KEY,
+    UNKNOWN,
+    DatasetRecord,
+    create_registry,
+    parse_store_meta,
+    read_registry,
+    records_from_legacy,
+    records_to_table,
+    store_meta,
+    write_records,
+)
 from hiceller.errors import StoreError
 
 __all__ = [
@@ -42,14 +65,15 @@ __all__ = [
     "DatasetRecord",
     "CorpusStore",
     "is_store",
+    "read_x_cells",
+    "retry_if_vacuumed",
     "soma_context",
 ]
 
 LAYER = "data"
-META_KEY = "hiceller"
-FORMAT_VERSION = 1
 OBS_COLUMNS = ("obs_id", "cell_type", "tissue", "disease", "donor_id", "dataset_id")
-UNKNOWN = "unknown"
+_GROWTH = 1.5
+"""Domains grow to at least this factor of their size (O(log n) schema versions, see above)."""
 
 # Row tiles of 2048 cells, one column tile spanning every gene: TileDB's global order is then plain
 # (cell, gene) order, so a CSR chunk with sorted columns is written without TileDB re-sorting it
@@ -70,6 +94,8 @@ _X_PLATFORM = {
     }
 }
 _GLOBAL_ORDER_WRITE = {"tiledb": {"write": {"sort_coords": False}}}
+
+T = TypeVar("T")
 
 
 def soma_context(uri: str) -> soma.SOMATileDBContext | None:
@@ -97,36 +123,28 @@ def soma_context(uri: str) -> soma.SOMATileDBContext | None:
     return soma.SOMATileDBContext(tiledb_config=cfg)
 
 
-@dataclass
-class DatasetRecord:
-    """One ingested dataset, as kept in the registry."""
+def member_uri(uri: str, *parts: str) -> str:
+    """URI of a member of the store (every member lives under the experiment, named by its key)."""
+    return "/".join([uri.rstrip("/"), *parts])
 
-    dataset_id: str
-    start: int
-    """First soma_joinid of the dataset; its cells are [start, stop)."""
-    stop: int
-    status: str
-    """``writing`` while being ingested, ``complete`` once every cell is in."""
-    kind: str = "counts"
-    """``counts`` (non-negative integers) or ``logexpr``."""
-    source: str = ""
-    labeled: bool = True
-    tissue: str = UNKNOWN
-    disease: str = UNKNOWN
-    n_genes: int = 0
-    """Genes of the source file (columns of its X)."""
-    new_genes: int = 0
-    """Genes this dataset added to the vocabulary."""
-    fingerprint: str = ""
-    """Identifies the source (size, mtime, shape) so a re-run can finish a reserved dataset."""
-    counts: dict[str, dict[str, int]] = field(default_factory=dict)
-    """Cells per value of cell_type / tissue / disease / donor_id (for `info` without a scan)."""
-    notes: list[str] = field(default_factory=list)
-    created: float = 0.0
 
-    @property
-    def n_cells(self) -> int:
-        return self.stop - self.start
+def _is_vacuumed(e: Exception) -> bool:
+    msg = str(e)
+    return "No such file or directory" in msg or "Cannot get file size" in msg or "does not exist" in msg
+
+
+def retry_if_vacuumed(read: Callable[[], T], attempts: int = 3) -> T:
+    """Run ``read`` again when it failed because `hiceller store optimize` vacuumed the fragments
+    the array was opened with. Consolidation keeps every cell, so a read from a fresh open returns
+    the same data; ``read`` must open the array itself."""
+    for i in range(attempts):
+        try:
+            return read()
+        except soma.SOMAError as e:
+            if i == attempts - 1 or not _is_vacuumed(e):
+                raise
+            time.sleep(0.05 * (i + 1))
+    raise AssertionError("unreachable")
 
 
 def is_store(uri: str) -> bool:
@@ -137,12 +155,31 @@ def is_store(uri: str) -> bool:
         return False
 
 
-class CorpusStore:
-    """Read access to a HiCeller store, and the few write steps ingest and synth are built from."""
+def _grown(current: int, need: int) -> int:
+    """A size >= need for a domain of size ``current``: unchanged when it fits, else at least
+    ``_GROWTH`` times larger (the first growth from an empty store is exact)."""
+    if need <= current:
+        return current
+    return need if current <= 1 else max(need, int(current * _GROWTH))
 
-    def __init__(self, uri: str, registry: dict[str, Any]):
+
+class CorpusStore:
+    """Read access to a HiCeller store, and the few write steps ingest and synth are built from.
+
+    The object is a snapshot of the registry taken at open (``reload()`` takes a new one); its own
+    writes keep the snapshot current. One process writes a store at a time.
+    """
+
+    def __init__(self, uri: str, records: dict[str, DatasetRecord], store_format: int, legacy_n_genes: int = 0):
         self.uri = uri
-        self._registry = registry
+        self._records = records
+        self.format = store_format
+        """1: registry as one JSON value (read, migrated on the first write); 2: registry DataFrame."""
+        self._legacy_n_genes = legacy_n_genes
+        self._vocab: pd.Index | None = None
+        self._n_genes: int | None = None
+        self._complete: list[DatasetRecord] | None = None
+        self._ctx = soma_context(uri)
 
     # ------------------------------------------------------------------ open / create
     @classmethod
@@ -150,17 +187,23 @@ class CorpusStore:
         uri = str(uri)
         if not uri.startswith("s3://") and not Path(uri).exists():
             raise StoreError(f"store {uri} does not exist (create it with `hiceller ingest` or `hiceller synth`)")
+        return retry_if_vacuumed(lambda: cls._read(uri))
+
+    @classmethod
+    def _read(cls, uri: str) -> "CorpusStore":
         try:
-            with soma.Experiment.open(uri, context=soma_context(uri)) as exp:
-                raw = exp.metadata.get(META_KEY)
+            exp = soma.Experiment.open(uri, context=soma_context(uri))
         except Exception as e:  # tiledbsoma raises several types for "not a SOMA object"
             raise StoreError(f"store {uri} is not a TileDB-SOMA experiment ({type(e).__name__}: {e})") from None
-        if raw is None:
-            raise StoreError(f"store {uri} is a SOMA experiment but not a HiCeller store (no '{META_KEY}' metadata)")
-        registry = json.loads(raw)
-        if registry.get("format") != FORMAT_VERSION:
-            raise StoreError(f"store {uri} has format {registry.get('format')}, this HiCeller reads {FORMAT_VERSION}")
-        return cls(uri, registry)
+        with exp:
+            meta = parse_store_meta(uri, exp.metadata.get(META_KEY))
+            if meta["format"] == LEGACY_FORMAT:
+                records = records_from_legacy(meta)
+                extra = set(exp["extra_obs"].keys())
+                for rec in records.values():  # format 1 named a dataset's other obs columns after it
+                    rec.extra_obs = rec.dataset_id if rec.dataset_id in extra else ""
+                return cls(uri, records, LEGACY_FORMAT, int(meta.get("n_genes", 0)))
+            return cls(uri, read_registry(exp), FORMAT_VERSION)
 
     @classmethod
     def open_or_create(cls, uri: str | Path) -> "CorpusStore":
@@ -195,18 +238,40 @@ class CorpusStore:
     # ------------------------------------------------------------------ registry
     @property
     def datasets(self) -> dict[str, DatasetRecord]:
-        return {k: DatasetRecord(**v) for k, v in self._registry["datasets"].items()}
+        """Every dataset (copies: changing them changes nothing in the store)."""
+        return {k: replace(v) for k, v in self._records.items()}
+
+    def record(self, dataset_id: str) -> DatasetRecord | None:
+        """The registry record of one dataset (a copy), or None."""
+        rec = self._records.get(dataset_id)
+        return None if rec is None else replace(rec)
 
     def complete_datasets(self) -> list[DatasetRecord]:
-        return sorted((d for d in self.datasets.values() if d.status == "complete"), key=lambda d: d.start)
+        if self._complete is None:
+            self._complete = sorted((d for d in self._records.values() if d.status == "complete"), key=lambda d: d.start)
+        return [replace(d) for d in self._complete]
 
     @property
     def next_joinid(self) -> int:
-        return int(self._registry["next_joinid"])
+        return max((d.stop for d in self._records.values()), default=0)
 
     @property
     def n_cells(self) -> int:
-        return sum(d.n_cells for d in self.complete_datasets())
+        return sum(d.n_cells for d in self._records.values() if d.status == "complete")
+
+    @property
+    def n_genes(self) -> int:
+        """Genes in the vocabulary (from var's non-empty domain: no read of the gene names)."""
+        if self._n_genes is None:
+            if self.format == LEGACY_FORMAT:
+                self._n_genes = self._legacy_n_genes
+            else:
+                self._n_genes = retry_if_vacuumed(self._count_var)
+        return self._n_genes
+
+    def _count_var(self) -> int:
+        with soma.DataFrame.open(member_uri(self.uri, "ms", "RNA", "var"), context=self._ctx) as var:
+            return 0 if var.count == 0 else int(var.non_empty_domain()[0][1]) + 1
 
     def complete_ranges(self) -> list[tuple[int, int]]:
         """[start, stop) joinid ranges of complete datasets, merged where adjacent."""
@@ -218,18 +283,45 @@ class CorpusStore:
                 out.append((d.start, d.stop))
         return out
 
-    def _save_registry(self) -> None:
-        with soma.Experiment.open(self.uri, "w", context=soma_context(self.uri)) as exp:
-            exp.metadata[META_KEY] = json.dumps(self._registry)
-
     def reload(self) -> None:
-        self._registry = CorpusStore.open(self.uri)._registry
+        fresh = CorpusStore.open(self.uri)
+        self.__dict__.update(fresh.__dict__)
+
+    def _changed(self, records: list[DatasetRecord]) -> None:
+        for r in records:
+            self._records[r.dataset_id] = replace(r)
+        self._complete = None
+
+    def ensure_current_format(self) -> None:
+        """Migrate a format-1 store to the registry DataFrame (every write starts here).
+
+        The rows are written before the metadata that points to them, so a migration killed half
+        way leaves a format-1 store that the next write migrates again (same slots, rows replaced).
+        """
+        if self.format == FORMAT_VERSION:
+            return
+        records = sorted(self._records.values(), key=lambda r: r.slot)
+        with soma.Experiment.open(self.uri, "w", context=self._ctx) as exp:
+            create_registry(exp)
+            write_records(exp, records)
+            exp.metadata[META_KEY] = store_meta()
+        self.format = FORMAT_VERSION
+        from data_store.optimize import consolidate_group_metadata
+
+        # The format-1 registry's copies (one metadata fragment per write) would still be read at
+        # every open: merge them into one.
+        consolidate_group_metadata(self.uri)
 
     # ------------------------------------------------------------------ vocabulary
     def vocabulary(self) -> pd.Index:
         """Gene names in vocabulary-id order (position = id)."""
-        with soma.Experiment.open(self.uri, context=soma_context(self.uri)) as exp:
-            var = exp.ms["RNA"].var.read(column_names=["soma_joinid", "gene"]).concat().to_pandas()
+        if self._vocab is None:
+            self._vocab = retry_if_vacuumed(self._read_vocabulary)
+        return self._vocab.copy()
+
+    def _read_vocabulary(self) -> pd.Index:
+        with soma.DataFrame.open(member_uri(self.uri, "ms", "RNA", "var"), context=self._ctx) as var_df:
+            var = var_df.read(column_names=["soma_joinid", "gene"]).concat().to_pandas()
         var = var.sort_values("soma_joinid")
         if not np.array_equal(var["soma_joinid"].to_numpy(), np.arange(len(var))):
             raise StoreError(f"store {self.uri}: the gene vocabulary has gaps; the store is damaged")
@@ -237,60 +329,107 @@ class CorpusStore:
 
     def extend_vocabulary(self, genes: list[str] | np.ndarray) -> tuple[np.ndarray, int]:
         """Vocabulary ids for ``genes``, appending the unknown ones. Returns (ids, n_new)."""
+        self.ensure_current_format()
         vocab = self.vocabulary()
-        lookup = pd.Series(np.arange(len(vocab), dtype=np.int64), index=vocab)
         genes = pd.Index(genes)
-        known = genes.isin(vocab)
-        new = genes[~known].unique()
+        new = genes[~genes.isin(vocab)].unique()
         if len(new):
             start = len(vocab)
             ids = np.arange(start, start + len(new), dtype=np.int64)
-            with soma.Experiment.open(self.uri, "w", context=soma_context(self.uri)) as exp:
-                exp.ms["RNA"].var.change_domain([(0, start + len(new) - 1)])
-            with soma.Experiment.open(self.uri, "w", context=soma_context(self.uri)) as exp:
-                exp.ms["RNA"].var.write(pa.table({"soma_joinid": ids, "gene": pa.array(list(new), pa.large_string())}))
-            lookup = pd.concat([lookup, pd.Series(ids, index=new)])
-        # Also when nothing is new: a run killed after writing var but before growing X (or saving
-        # the registry) left genes that X has no columns for; the next write would fail.
-        self._registry["n_genes"] = len(lookup)
-        self._grow_x(n_genes=len(lookup))
+            with soma.DataFrame.open(member_uri(self.uri, "ms", "RNA", "var"), "w", context=self._ctx) as var:
+                size = int(var.domain[0][1]) + 1
+                if start + len(new) > size:
+                    var.change_domain([(0, _grown(size, start + len(new)) - 1)])
+            with soma.DataFrame.open(member_uri(self.uri, "ms", "RNA", "var"), "w", context=self._ctx) as var:
+                var.write(pa.table({"soma_joinid": ids, "gene": pa.array(list(new), pa.large_string())}))
+            vocab = vocab.append(pd.Index(new, name="gene"))
+        self._vocab = vocab
+        self._n_genes = len(vocab)
+        # Also when nothing is new: a run killed after writing var but before growing X left genes
+        # that X has no columns for; the next write would fail.
+        self._grow_x(n_genes=len(vocab))
+        lookup = pd.Series(np.arange(len(vocab), dtype=np.int64), index=vocab)
         return lookup.reindex(genes).to_numpy(dtype=np.int64), len(new)
 
     def _grow_x(self, n_cells: int | None = None, n_genes: int | None = None) -> None:
-        with soma.Experiment.open(self.uri, "w", context=soma_context(self.uri)) as exp:
-            x = exp.ms["RNA"].X[LAYER]
+        with soma.SparseNDArray.open(self._x_uri, "w", context=self._ctx) as x:
             rows, cols = x.shape
-            new = (max(rows, n_cells or 0), max(cols, n_genes or 0))
+            new = (_grown(rows, n_cells or 0), _grown(cols, n_genes or 0))
             if new != (rows, cols):
                 x.resize(new)
+
+    def _grow_obs(self, n_cells: int) -> None:
+        with soma.DataFrame.open(member_uri(self.uri, "obs"), "w", context=self._ctx) as obs:
+            size = int(obs.domain[0][1]) + 1
+            if n_cells > size:
+                obs.change_domain([(0, _grown(size, n_cells) - 1)])
+
+    @property
+    def _x_uri(self) -> str:
+        return member_uri(self.uri, "ms", "RNA", "X", LAYER)
 
     # ------------------------------------------------------------------ datasets
     def reserve_dataset(self, record: DatasetRecord) -> DatasetRecord:
         """Fix the joinid range of a new dataset, or return the range of the interrupted ingest of the
         same source. The registry is written before any cell, so a crash leaves a known range."""
-        existing = self._registry["datasets"].get(record.dataset_id)
-        if existing is not None:
-            old = DatasetRecord(**existing)
-            if old.status == "complete":
-                raise StoreError(f"dataset {record.dataset_id!r} is already in store {self.uri}")
-            if old.fingerprint != record.fingerprint or old.n_cells != record.n_cells:
-                raise StoreError(
-                    f"dataset {record.dataset_id!r} was being ingested from another source "
-                    f"({old.source}); re-run that ingest to finish it, or use another --dataset-id"
-                )
-            return old
-        n = record.n_cells
-        record.start = self.next_joinid
-        record.stop = record.start + n
-        record.status = "writing"
-        record.created = time.time()
-        self._registry["next_joinid"] = record.stop
-        self._registry["datasets"][record.dataset_id] = _as_dict(record)
-        with soma.Experiment.open(self.uri, "w", context=soma_context(self.uri)) as exp:
-            exp.obs.change_domain([(0, record.stop - 1)])
-        self._grow_x(n_cells=record.stop)
-        self._save_registry()
-        return record
+        return self.reserve_datasets([record])[0]
+
+    def reserve_datasets(self, records: list[DatasetRecord]) -> list[DatasetRecord]:
+        """:meth:`reserve_dataset` for many datasets with one registry write (a bulk ingest)."""
+        self.ensure_current_format()
+        out, new = [], []
+        next_joinid = self.next_joinid
+        next_slot = max((r.slot for r in self._records.values()), default=-1) + 1
+        seen: set[str] = set()
+        for record in records:
+            if record.dataset_id in seen:
+                raise StoreError(f"dataset {record.dataset_id!r} reserved twice in one write")
+            seen.add(record.dataset_id)
+            old = self._resumable(record)
+            if old is not None:
+                out.append(old)
+                continue
+            n = record.n_cells
+            rec = replace(record, start=next_joinid, stop=next_joinid + n, status="writing", created=time.time(), slot=next_slot)
+            next_joinid, next_slot = rec.stop, next_slot + 1
+            new.append(rec)
+            out.append(rec)
+        if new:
+            self._grow_obs(next_joinid)
+            self._grow_x(n_cells=next_joinid)
+            with soma.DataFrame.open(member_uri(self.uri, REGISTRY_KEY), "w", context=self._ctx) as reg:
+                reg.write(records_to_table(new))
+            self._changed(new)
+        return out
+
+    def _resumable(self, record: DatasetRecord) -> DatasetRecord | None:
+        """The reserved record of an interrupted ingest of the same source, None for a new dataset."""
+        old = self._records.get(record.dataset_id)
+        if old is None:
+            return None
+        if old.status == "complete":
+            raise StoreError(f"dataset {record.dataset_id!r} is already in store {self.uri}")
+        if old.fingerprint != record.fingerprint or old.n_cells != record.n_cells:
+            raise StoreError(
+                f"dataset {record.dataset_id!r} was being ingested from another source "
+                f"({old.source}); re-run that ingest to finish it, or use another --dataset-id"
+            )
+        return replace(old)
+
+    def finish_dataset(self, record: DatasetRecord) -> None:
+        self.finish_datasets([record])
+
+    def finish_datasets(self, records: list[DatasetRecord]) -> None:
+        """Mark datasets complete, in one registry write: their cells become visible together."""
+        if not records:
+            return
+        now = time.time()
+        done = [replace(r, status="complete", finished=now) for r in records]
+        for r in records:
+            r.status, r.finished = "complete", now
+        with soma.DataFrame.open(member_uri(self.uri, REGISTRY_KEY), "w", context=self._ctx) as reg:
+            reg.write(records_to_table(done))
+        self._changed(done)
 
     def write_chunk(
         self,
@@ -305,65 +444,72 @@ class CorpusStore:
         """Write cells [offset, offset + n) of a reserved dataset.
 
         ``indices`` are vocabulary ids, sorted within each row (TileDB global order), ``obs`` holds
-        the OBS_COLUMNS for these cells.
+        the OBS_COLUMNS for these cells; ``extra`` other obs columns, kept in ``extra_obs/<dataset>``.
         """
         n = len(indptr) - 1
         first = record.start + offset
         if first + n > record.stop:
             raise StoreError(f"dataset {record.dataset_id}: chunk beyond its reserved range")
-        rows = np.repeat(np.arange(first, first + n, dtype=np.int64), np.diff(indptr))
-        joinids = np.arange(first, first + n, dtype=np.int64)
-        ctx = soma_context(self.uri)
-        with soma.Experiment.open(self.uri, "w", context=ctx) as exp:
-            if len(data):
-                exp.ms["RNA"].X[LAYER].write(
-                    pa.table(
-                        {
-                            "soma_dim_0": rows,
-                            "soma_dim_1": indices.astype(np.int64, copy=False),
-                            "soma_data": data.astype(np.float32, copy=False),
-                        }
-                    ),
-                    platform_config=_GLOBAL_ORDER_WRITE,
-                )
-            table = {"soma_joinid": joinids}
-            for c in OBS_COLUMNS:
-                table[c] = pa.array(obs[c].astype(str).to_numpy(dtype=object), pa.large_string())
-            exp.obs.write(pa.table(table))
-            if extra is not None and extra.shape[1]:
-                self._write_extra(exp, record, joinids, extra)
+        self.write_cells(first, indptr, indices, data, obs_table(obs, first))
+        if extra is not None and extra.shape[1]:
+            table = extra_obs_table(extra, first)
+            self.write_extra_obs(record.extra_obs or record.dataset_id, (record.start, record.stop - 1), table)
 
-    def _write_extra(self, exp: soma.Experiment, record: DatasetRecord, joinids: np.ndarray, extra: pd.DataFrame) -> None:
-        coll = exp["extra_obs"]
-        key = record.dataset_id
-        frame = extra.copy()
-        frame.insert(0, "soma_joinid", joinids)
-        table = pa.Table.from_pandas(frame, preserve_index=False)
-        # Categoricals become plain strings: SOMA enumerations would need extending per chunk.
-        table = pa.table(
-            {
-                name: (col.cast(pa.large_string()) if pa.types.is_dictionary(col.type) or pa.types.is_string(col.type) else col)
-                for name, col in zip(table.column_names, table.columns)
-            }
-        )
-        if key not in coll:
-            df = coll.add_new_dataframe(key, schema=table.schema, domain=[(record.start, record.stop - 1)])
-        else:
-            df = coll[key]
-        df.write(table)
+    def write_cells(self, first: int, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, obs: pa.Table) -> None:
+        """X and obs of the consecutive cells [first, first + n), which may span several reserved
+        datasets (a bulk write): one X fragment and one obs fragment."""
+        n = len(indptr) - 1
+        if len(data):
+            rows = np.repeat(np.arange(first, first + n, dtype=np.int64), np.diff(indptr))
+            table = pa.table(
+                {
+                    "soma_dim_0": rows,
+                    "soma_dim_1": indices.astype(np.int64, copy=False),
+                    "soma_data": data.astype(np.float32, copy=False),
+                }
+            )
+            with soma.SparseNDArray.open(self._x_uri, "w", context=self._ctx) as x:
+                x.write(table, platform_config=_GLOBAL_ORDER_WRITE)
+        with soma.DataFrame.open(member_uri(self.uri, "obs"), "w", context=self._ctx) as obs_df:
+            obs_df.write(obs.combine_chunks(), platform_config=_GLOBAL_ORDER_WRITE)  # joinids ascending
 
-    def finish_dataset(self, record: DatasetRecord) -> None:
-        record.status = "complete"
-        self._registry["datasets"][record.dataset_id] = _as_dict(record)
-        self._save_registry()
+    def write_extra_obs(self, name: str, domain: tuple[int, int], table: pa.Table) -> None:
+        """Rows of ``extra_obs/<name>``, created with the joinid ``domain`` it will ever hold."""
+        uri = member_uri(self.uri, "extra_obs", name)
+        if not _exists(uri, self._ctx):
+            with soma.Collection.open(member_uri(self.uri, "extra_obs"), "w", context=self._ctx) as coll:
+                if name not in coll:
+                    coll.add_new_dataframe(name, schema=table.schema, domain=[domain])
+        with soma.DataFrame.open(uri, "w", context=self._ctx) as df:
+            # One chunk in global order (joinids ascending): one TileDB write, one fragment.
+            df.write(table.combine_chunks(), platform_config=_GLOBAL_ORDER_WRITE)
 
     # ------------------------------------------------------------------ reading
     def obs(self, column_names: list[str] | None = None, value_filter: str | None = None) -> pd.DataFrame:
         """obs rows of complete datasets (rows of an interrupted ingest are never returned)."""
         cols = None if column_names is None else list(dict.fromkeys(["soma_joinid", *column_names]))
-        with soma.Experiment.open(self.uri, context=soma_context(self.uri)) as exp:
-            df = exp.obs.read(column_names=cols, value_filter=value_filter or None).concat().to_pandas()
+
+        def read() -> pd.DataFrame:
+            with soma.DataFrame.open(member_uri(self.uri, "obs"), context=self._ctx) as obs:
+                return obs.read(column_names=cols, value_filter=value_filter or None).concat().to_pandas()
+
+        df = retry_if_vacuumed(read)
         return df[_in_ranges(df["soma_joinid"].to_numpy(), self.complete_ranges())].reset_index(drop=True)
+
+    def extra_obs(self, dataset_id: str) -> pd.DataFrame:
+        """The other obs columns of one complete dataset (an empty frame when it had none)."""
+        rec = self._records.get(dataset_id)
+        if rec is None or rec.status != "complete":
+            raise StoreError(f"store {self.uri} has no complete dataset {dataset_id!r}")
+        uri = member_uri(self.uri, "extra_obs", rec.extra_obs)
+        if not rec.extra_obs or not _exists(uri, self._ctx):
+            return pd.DataFrame({"soma_joinid": np.arange(rec.start, rec.stop)})
+
+        def read() -> pd.DataFrame:
+            with soma.DataFrame.open(uri, context=self._ctx) as df:
+                return df.read(coords=(slice(rec.start, rec.stop - 1),)).concat().to_pandas()
+
+        return retry_if_vacuumed(read).sort_values("soma_joinid").reset_index(drop=True)
 
     def to_anndata(self, joinids: np.ndarray):
         """Cells ``joinids`` (of complete datasets) as an AnnData with the store's gene names.
@@ -378,8 +524,12 @@ class CorpusStore:
         if len(obs) != len(joinids):
             raise StoreError(f"store {self.uri}: {len(joinids) - len(obs)} of the asked cells are not in complete datasets")
         vocab = self.vocabulary()
-        with soma.Experiment.open(self.uri, context=soma_context(self.uri)) as exp:
-            t = exp.ms["RNA"].X[LAYER].read(coords=(slice(int(joinids[0]), int(joinids[-1])),)).tables().concat()
+
+        def read() -> pa.Table:
+            with soma.SparseNDArray.open(self._x_uri, context=self._ctx) as x:
+                return x.read(coords=(slice(int(joinids[0]), int(joinids[-1])),)).tables().concat()
+
+        t = retry_if_vacuumed(read)
         d0 = t.column("soma_dim_0").to_numpy()
         keep = np.isin(d0, joinids)
         rows = np.searchsorted(joinids, d0[keep])
@@ -392,19 +542,25 @@ class CorpusStore:
         return ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=pd.Index(vocab.astype(str), name=None)))
 
     def iter_x_blocks(self, start: int, stop: int, block: int) -> Iterator[pa.Table]:
-        with soma.Experiment.open(self.uri, context=soma_context(self.uri)) as exp:
-            x = exp.ms["RNA"].X[LAYER]
-            for a in range(start, stop, block):
-                yield x.read(coords=(slice(a, min(a + block, stop) - 1),)).tables().concat()
+        for a in range(start, stop, block):
+            b = min(a + block, stop) - 1
+
+            def read(a: int = a, b: int = b) -> pa.Table:
+                with soma.SparseNDArray.open(self._x_uri, context=self._ctx) as x:
+                    return x.read(coords=(slice(a, b),)).tables().concat()
+
+            yield retry_if_vacuumed(read)
 
     def iter_x_cells(self, joinids: np.ndarray, chunk: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """X of the cells ``joinids`` (sorted and de-duplicated first) as :func:`read_x_cells` COO,
         ``chunk`` cells per query."""
         joinids = np.unique(np.asarray(joinids, dtype=np.int64))
-        with soma.Experiment.open(self.uri, context=soma_context(self.uri)) as exp:
-            x = exp.ms["RNA"].X[LAYER]
+        reader = XReader(self.uri)
+        try:
             for a in range(0, len(joinids), chunk):
-                yield read_x_cells(x, joinids[a : a + chunk])
+                yield reader.read(joinids[a : a + chunk])
+        finally:
+            reader.close()
 
     def summary(self) -> dict[str, Any]:
         """What `hiceller info` prints: totals and cells per tissue / disease / cell type."""
@@ -418,9 +574,9 @@ class CorpusStore:
         return {
             "store": self.uri,
             "cells": sum(d.n_cells for d in done),
-            "genes": int(self._registry.get("n_genes", 0)),
+            "genes": self.n_genes,
             "datasets": len(done),
-            "incomplete_datasets": sorted(d.dataset_id for d in self.datasets.values() if d.status != "complete"),
+            "incomplete_datasets": sorted(d.dataset_id for d in self._records.values() if d.status != "complete"),
             "cells_per_dataset": {d.dataset_id: d.n_cells for d in done},
             "kind_per_dataset": {d.dataset_id: d.kind for d in done},
             "cells_per_tissue": _sorted_counts(by["tissue"]),
@@ -428,6 +584,32 @@ class CorpusStore:
             "cells_per_cell_type": _sorted_counts(by["cell_type"]),
             "donors": len(by["donor_id"]),
         }
+
+
+class XReader:
+    """X reads of cell sets through one open handle, reopened when `hiceller store optimize`
+    vacuumed the fragments it was opened with (a reader that has the store open keeps working)."""
+
+    def __init__(self, uri: str):
+        self._uri = member_uri(uri, "ms", "RNA", "X", LAYER)
+        self._ctx = soma_context(uri)
+        self._x = soma.SparseNDArray.open(self._uri, context=self._ctx)
+        self.reopened = 0
+
+    def read(self, jids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:func:`read_x_cells` of ``jids`` (sorted, unique)."""
+        try:
+            return read_x_cells(self._x, jids)
+        except soma.SOMAError as e:
+            if not _is_vacuumed(e):
+                raise
+        self._x.close()
+        self.reopened += 1
+        self._x = retry_if_vacuumed(lambda: soma.SparseNDArray.open(self._uri, context=self._ctx))
+        return retry_if_vacuumed(lambda: read_x_cells(self._x, jids))
+
+    def close(self) -> None:
+        self._x.close()
 
 
 def read_x_cells(x: "soma.SparseNDArray", jids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -440,21 +622,53 @@ def read_x_cells(x: "soma.SparseNDArray", jids: np.ndarray) -> tuple[np.ndarray,
     return t.column("soma_dim_0").to_numpy(), t.column("soma_dim_1").to_numpy(), t.column("soma_data").to_numpy()
 
 
+def obs_table(obs: pd.DataFrame | dict[str, np.ndarray], first: int) -> pa.Table:
+    """The OBS_COLUMNS of ``obs`` (a DataFrame, or object arrays of str by column) as the obs rows
+    of joinids [first, first + n)."""
+    cols = {c: obs[c].astype(str).to_numpy(dtype=object) if isinstance(obs[c], pd.Series) else obs[c] for c in OBS_COLUMNS}
+    n = len(cols[OBS_COLUMNS[0]])
+    table: dict[str, Any] = {"soma_joinid": np.arange(first, first + n, dtype=np.int64)}
+    for c in OBS_COLUMNS:
+        table[c] = pa.array(cols[c], pa.large_string())
+    return pa.table(table)
+
+
+def extra_obs_table(extra: pd.DataFrame, first: int) -> pa.Table:
+    """Other obs columns as extra_obs rows of joinids [first, first + len(extra)).
+
+    Categoricals become plain strings: SOMA enumerations would need extending per chunk."""
+    frame = extra.copy()
+    frame.insert(0, "soma_joinid", np.arange(first, first + len(extra), dtype=np.int64))
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    return pa.table(
+        {
+            name: (col.cast(pa.large_string()) if pa.types.is_dictionary(col.type) or pa.types.is_string(col.type) else col)
+            for name, col in zip(table.column_names, table.columns)
+        }
+    )
+
+
+def _exists(uri: str, ctx: soma.SOMATileDBContext | None) -> bool:
+    try:
+        return soma.DataFrame.exists(uri, context=ctx)
+    except Exception:
+        return False
+
+
 def _sorted_counts(d: dict[str, int]) -> dict[str, int]:
     return dict(sorted(d.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def _in_ranges(joinids: np.ndarray, ranges: list[tuple[int, int]]) -> np.ndarray:
-    mask = np.zeros(len(joinids), dtype=bool)
-    for a, b in ranges:
-        mask |= (joinids >= a) & (joinids < b)
-    return mask
-
-
-def _as_dict(record: DatasetRecord) -> dict[str, Any]:
-    from dataclasses import asdict
-
-    return asdict(record)
+    """Whether each joinid lies in one of the sorted, disjoint [start, stop) ``ranges``."""
+    if not ranges:
+        return np.zeros(len(joinids), dtype=bool)
+    starts = np.array([a for a, _ in ranges], dtype=np.int64)
+    stops = np.array([b for _, b in ranges], dtype=np.int64)
+    # One binary search per joinid instead of one pass per range: thousands of datasets leave
+    # thousands of ranges when some are incomplete.
+    k = np.searchsorted(starts, joinids, side="right") - 1
+    return (k >= 0) & (joinids < stops[np.maximum(k, 0)])
 
 
 def _create_experiment(uri: str, ctx: soma.SOMATileDBContext | None) -> None:
@@ -470,7 +684,7 @@ def _create_experiment(uri: str, ctx: soma.SOMATileDBContext | None) -> None:
         )
         xs = rna.add_new_collection("X")
         xs.add_new_sparse_ndarray(LAYER, type=pa.float32(), shape=(1, 1), platform_config=_X_PLATFORM)
-        registry = {"format": FORMAT_VERSION, "datasets": {}, "next_joinid": 0, "n_genes": 0}
-        exp.metadata[META_KEY] = json.dumps(registry)
+        create_registry(exp)
+        exp.metadata[META_KEY] = store_meta()
     finally:
         exp.close()

@@ -167,7 +167,7 @@ class CellStream(IterableDataset):
             raise InputError(f"store {self.store_uri}: no cell matches the selection ({self.filter_desc})")
         obs = obs.sort_values("soma_joinid")
         self.joinids = obs["soma_joinid"].to_numpy(dtype=np.int64)
-        self.n_genes = int(store_obj._registry.get("n_genes", 0))
+        self.n_genes = store_obj.n_genes
         self.labels: np.ndarray | None = None
         self.label_names: list[str] = []
         if labels:

@@ -161,11 +161,14 @@ def store_matrix(uri: str | Path) -> StoreContent:
         assert np.array_equal(var["soma_joinid"].to_numpy(), np.arange(len(var)))
         tbl = exp.ms["RNA"].X["data"].read().tables().concat()
         meta = str(exp.metadata.get("hiceller"))
-        shape = exp.ms["RNA"].X["data"].shape
+    from data_store.store import CorpusStore
+
+    # Rows up to the next joinid: X's shape grows with headroom (data_store/store.py, _GROWTH).
+    n_rows = CorpusStore.open(uri).next_joinid
     r = tbl["soma_dim_0"].to_numpy()
     c = tbl["soma_dim_1"].to_numpy()
     v = tbl["soma_data"].to_numpy()
-    X = sp.csr_matrix((v, (r, c)), shape=(shape[0], len(var)))
+    X = sp.csr_matrix((v, (r, c)), shape=(max(n_rows, int(r.max()) + 1 if len(r) else 0), len(var)))
     return StoreContent(obs=obs, vocab=list(var["gene"]), X=X, x_entries=len(v), metadata=meta)
 
 

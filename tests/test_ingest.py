@@ -133,9 +133,12 @@ def test_dataset_id_existing_and_skip_existing(tmp_path: Path) -> None:
     (rec,) = _ingest(uri, tmp_path / "a.h5ad", dataset_id="custom")
     assert rec.dataset_id == "custom" and set(CorpusStore.open(uri).datasets) == {"custom"}
     assert set(CorpusStore.open(uri).obs()["dataset_id"]) == {"custom"}
+    # The same file again (a killed bulk ingest re-run) is skipped; another file under that id is refused.
+    assert _ingest(uri, tmp_path / "a.h5ad", dataset_id="custom") == []
+    make_h5ad(tmp_path / "other.h5ad", 10, gene_names(5))
     with pytest.raises(InputError, match="'custom' is already in store"):
-        _ingest(uri, tmp_path / "a.h5ad", dataset_id="custom")
-    assert _ingest(uri, tmp_path / "a.h5ad", dataset_id="custom", skip_existing=True) == []
+        _ingest(uri, tmp_path / "other.h5ad", dataset_id="custom")
+    assert _ingest(uri, tmp_path / "other.h5ad", dataset_id="custom", skip_existing=True) == []
     (again,) = _ingest(uri, tmp_path / "a.h5ad")  # another id: the same file may be a second dataset
     assert again.dataset_id == "a" and CorpusStore.open(uri).n_cells == 20
     with pytest.raises(InputError, match="--dataset-id names one dataset"):
