@@ -1,8 +1,10 @@
 """CellStream: tokenized cells from the store to every training process, shuffled and resumable.
 
-How one epoch is laid out (all of it a pure function of seed, epoch, world size, workers):
+How one epoch is laid out (all of it a pure function of seed, epoch, world size, workers, computed
+per rank without reading data or building the whole epoch's order: data_store/layout.py):
 
-1. Selection: the soma_joinids of complete datasets that pass the obs filter, sorted: ``J``.
+1. Selection: the soma_joinids of complete datasets that pass the obs filter, sorted: ``J``
+   (kept as the datasets' joinid ranges when nothing filters them: obs is not read).
 2. Global shuffle: ``J`` is cut into blocks of ``block_size`` consecutive cells (contiguous on
    disk, so one range read each) and the blocks are permuted with ``rng(seed, epoch)``.
 3. Sharding: the permuted cell order is cut into ``world_size`` equal contiguous segments, one per
@@ -12,7 +14,8 @@ How one epoch is laid out (all of it a pure function of seed, epoch, world size,
    from the start of the epoch's order, so every cell is seen). Equal counts keep collectives from
    hanging at the end of an epoch.
 4. Windows: a rank's batches are grouped into shuffle windows of about ``buffer_blocks *
-   block_size / num_workers`` cells; DataLoader worker ``w`` owns windows ``w, w + W, ...``. A
+   block_size / num_workers`` cells (fewer when that would leave a worker without a window);
+   DataLoader worker ``w`` owns windows ``w, w + W, ...``. A
    window's cells are read in chunks of whole blocks (the next chunk read while this one is
    tokenized, a few hundred cells per vectorised call), shuffled with ``rng(seed, epoch, rank,
    window)`` and cut into batches.
@@ -36,9 +39,7 @@ have yielded next. The world size, worker count and store must match; they are c
 from __future__ import annotations
 
 import hashlib
-import math
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
@@ -47,11 +48,12 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_store.batching import pack, to_padded
-from data_store.store import LAYER, CorpusStore, read_x_cells, soma_context
+from data_store.layout import StreamLayout, batches_per_rank, rank_layout
+from data_store.store import CorpusStore, XReader
 from data_store.tokenize import TokenizedCells, Tokenizer
 from hiceller.errors import HicellerError, InputError
 
-__all__ = ["CellStream", "CellLoader", "StreamLayout", "distributed_rank_world"]
+__all__ = ["CellStream", "CellLoader", "CellSelection", "StreamLayout", "distributed_rank_world"]
 
 _READ_CHUNK_CELLS = 2048
 """Cells per X query (see ``CellStream._read_tokens``)."""
@@ -66,25 +68,6 @@ def distributed_rank_world() -> tuple[int, int]:
     import os
 
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-@dataclass(frozen=True)
-class StreamLayout:
-    """Positions (indices into the selection J) of one rank's cells for one epoch, in batch order
-    before the within-window shuffle, and how they group into windows."""
-
-    order: np.ndarray
-    """Indices into J: n_batches x batch_cells of them."""
-    n_batches: int
-    window_batches: int
-    """Batches per shuffle window."""
-
-    def windows(self) -> range:
-        return range(math.ceil(self.n_batches / self.window_batches))
-
-    def window_slice(self, k: int) -> slice:
-        a = k * self.window_batches
-        return slice(a, min(a + self.window_batches, self.n_batches))
 
 
 class CellStream(IterableDataset):
@@ -155,6 +138,17 @@ class CellStream(IterableDataset):
 
         store_obj = CorpusStore.open(self.store_uri)
         self.filter_desc = _describe_filter(obs_filter, datasets, donors, exclude_donors, joinids)
+        self.n_genes = store_obj.n_genes
+        self.labels: np.ndarray | None = None
+        self.label_names: list[str] = []
+        if not (obs_filter or datasets or donors or exclude_donors or labels or joinids is not None):
+            # The whole store: its complete datasets' joinid ranges, without reading obs (40M
+            # cells of obs would cost every rank minutes and gigabytes).
+            self._selection = CellSelection(ranges=store_obj.complete_ranges())
+            if len(self._selection) == 0:
+                raise InputError(f"store {self.store_uri}: no cell matches the selection ({self.filter_desc})")
+            self.fingerprint = _store_fingerprint(store_obj, self._selection)
+            return
         cols = ["dataset_id", "donor_id"] + ([label_column] if labels else [])
         try:
             obs = store_obj.obs(column_names=cols, value_filter=obs_filter)
@@ -166,10 +160,7 @@ class CellStream(IterableDataset):
         if obs.empty:
             raise InputError(f"store {self.store_uri}: no cell matches the selection ({self.filter_desc})")
         obs = obs.sort_values("soma_joinid")
-        self.joinids = obs["soma_joinid"].to_numpy(dtype=np.int64)
-        self.n_genes = store_obj.n_genes
-        self.labels: np.ndarray | None = None
-        self.label_names: list[str] = []
+        self._selection = CellSelection(joinids=obs["soma_joinid"].to_numpy(dtype=np.int64))
         if labels:
             labeled = {d.dataset_id for d in store_obj.complete_datasets() if d.labeled}
             has = obs["dataset_id"].isin(labeled).to_numpy()
@@ -180,17 +171,21 @@ class CellStream(IterableDataset):
             index = {n: i for i, n in enumerate(self.label_names)}
             self.labels = np.array([index.get(n, -100) for n in names], dtype=np.int64)
             self.labels[~has] = -100
-        self.fingerprint = _store_fingerprint(store_obj, self.joinids)
+        self.fingerprint = _store_fingerprint(store_obj, self._selection)
 
     # ------------------------------------------------------------------ sizes and state
     @property
     def n_cells(self) -> int:
-        return len(self.joinids)
+        return len(self._selection)
+
+    @property
+    def joinids(self) -> np.ndarray:
+        """The selected soma_joinids, sorted (materialised: 8 bytes per cell)."""
+        return self._selection.joinids()
 
     def __len__(self) -> int:
         """Batches this rank yields per epoch."""
-        per_rank = self.n_cells / self.world_size
-        n = math.floor(per_rank / self.batch_cells) if self.remainder == "drop" else math.ceil(per_rank / self.batch_cells)
+        n = batches_per_rank(self.n_cells, self.world_size, self.batch_cells, self.remainder)
         if n == 0:
             raise InputError(
                 f"selection of {self.n_cells} cells is too small for {self.world_size} rank(s) x {self.batch_cells} cells per batch"
@@ -235,27 +230,21 @@ class CellStream(IterableDataset):
 
     # ------------------------------------------------------------------ layout
     def layout_for(self, rank: int | None = None, num_workers: int | None = None) -> StreamLayout:
-        rank = self.rank if rank is None else rank
-        nw = max(1, self.num_workers if num_workers is None else num_workers)
-        n = self.n_cells
-        if self.shuffle:
-            rng = np.random.default_rng([self.seed, self.epoch])
-            n_blocks = math.ceil(n / self.block_size)
-            perm = rng.permutation(n_blocks)
-            starts = perm * self.block_size
-            lens = np.minimum(self.block_size, n - starts)
-            order = _ranges_to_positions(starts, lens)
-        else:
-            order = np.arange(n, dtype=np.int64)
-        n_batches = len(self)
-        need = n_batches * self.batch_cells
-        if self.remainder == "drop":
-            per_rank = n // self.world_size
-            seg = order[rank * per_rank : rank * per_rank + need]
-        else:  # wrap: the epoch's order, repeated from its start, fills the last batches
-            seg = np.resize(order, self.world_size * need)[rank * need : (rank + 1) * need]
-        window_cells = max(self.batch_cells, self.buffer_blocks * self.block_size // nw)
-        return StreamLayout(order=seg, n_batches=n_batches, window_batches=max(1, window_cells // self.batch_cells))
+        """This epoch's layout of ``rank`` (data_store/layout.py); no data is read."""
+        len(self)  # refuses a selection too small for the world
+        return rank_layout(
+            self.n_cells,
+            rank=self.rank if rank is None else rank,
+            world_size=self.world_size,
+            batch_cells=self.batch_cells,
+            block_size=self.block_size,
+            buffer_blocks=self.buffer_blocks,
+            num_workers=max(1, self.num_workers if num_workers is None else num_workers),
+            shuffle=self.shuffle,
+            seed=self.seed,
+            epoch=self.epoch,
+            remainder=self.remainder,
+        )
 
     # ------------------------------------------------------------------ iteration
     def __iter__(self) -> Iterator[Any]:
@@ -303,7 +292,7 @@ class CellStream(IterableDataset):
             idx = perm[b * self.batch_cells : (b + 1) * self.batch_cells]
             p = pos[idx]
             labels = None if self.labels is None else torch.from_numpy(self.labels[p])
-            batch = pack(cells.select(where[idx]), labels=labels, joinids=torch.from_numpy(self.joinids[p]))
+            batch = pack(cells.select(where[idx]), labels=labels, joinids=torch.from_numpy(self._selection.take(p)))
             yield to_padded(batch) if self.layout == "padded" else batch
 
     def _read_tokens(self, reader: "_BlockReader", uniq: np.ndarray) -> TokenizedCells:
@@ -317,7 +306,7 @@ class CellStream(IterableDataset):
         (~20 B per non-zero) never exists at once, only its tokens (~6 B per token). Tokens of a
         cell do not depend on the piece it is tokenized in (the tokenizer seeds by joinid).
         """
-        jids = self.joinids[uniq]
+        jids = self._selection.take(uniq)
         step = _READ_CHUNK_CELLS
         # Room for the longest possible cells; the OS backs only the pages written, so this costs
         # the tokens actually produced and spares concatenating the chunks (a second window copy).
@@ -407,26 +396,54 @@ class CellLoader:
 class _BlockReader:
     """X reads as numpy COO, run in one background thread so the next read overlaps tokenizing.
 
-    The thread is the only one touching the TileDB handles; the caller only waits on futures.
+    The thread is the only one touching the TileDB handles; the caller only waits on futures. The
+    handle reopens when `hiceller store optimize` vacuumed the fragments it was opened with.
     """
 
     def __init__(self, uri: str):
-        import tiledbsoma as soma
-
-        self._exp = soma.Experiment.open(uri, context=soma_context(uri))
-        self._x = self._exp.ms["RNA"].X[LAYER]
+        self._reader = XReader(uri)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cellstream-read")
 
     def submit(self, jids: np.ndarray) -> "Future[tuple[np.ndarray, np.ndarray, np.ndarray]]":
         """Future (soma_dim_0, soma_dim_1, soma_data) of the cells ``jids`` (sorted, unique)."""
-        return self._pool.submit(self._read, jids)
-
-    def _read(self, jids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return read_x_cells(self._x, jids)
+        return self._pool.submit(self._reader.read, jids)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
-        self._exp.close()
+        self._reader.close()
+
+
+class CellSelection:
+    """The selected joinids J (sorted): [start, stop) ranges for whole datasets (a few numbers
+    however many cells, so pickling the stream to 8 DataLoader workers copies nothing large), or an
+    array for a filtered selection."""
+
+    def __init__(self, ranges: list[tuple[int, int]] | None = None, joinids: np.ndarray | None = None):
+        self._joinids = joinids
+        ranges = ranges or []
+        self._starts = np.array([a for a, _ in ranges], dtype=np.int64)
+        lens = np.array([b - a for a, b in ranges], dtype=np.int64)
+        self._offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self._joinids) if self._joinids is not None else int(self._offsets[-1])
+
+    def take(self, positions: np.ndarray) -> np.ndarray:
+        """Joinids at ``positions`` (indices into J)."""
+        if self._joinids is not None:
+            return self._joinids[positions]
+        k = np.searchsorted(self._offsets, positions, side="right") - 1
+        return self._starts[k] + (positions - self._offsets[k])
+
+    def joinids(self) -> np.ndarray:
+        if self._joinids is not None:
+            return self._joinids
+        return self.take(np.arange(len(self), dtype=np.int64))
+
+    def chunks(self, size: int = 1 << 20) -> Iterator[np.ndarray]:
+        """J in order, ``size`` joinids at a time."""
+        for a in range(0, len(self), size):
+            yield self.take(np.arange(a, min(a + size, len(self)), dtype=np.int64))
 
 
 def _cell_rows(d0: np.ndarray, jids: np.ndarray) -> tuple[np.ndarray, bool]:
@@ -445,13 +462,6 @@ def _cell_rows(d0: np.ndarray, jids: np.ndarray) -> tuple[np.ndarray, bool]:
         raise HicellerError("store returned X rows that were not asked for; the store may be damaged")
     by_cell = bool(np.all(local[1:] > local[:-1]))
     return np.repeat(local, np.diff(starts, append=d0.size)), by_cell
-
-
-def _ranges_to_positions(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
-    """Concatenate arange(s, s+l) for each (s, l), vectorised."""
-    total = int(lens.sum())
-    offs = np.repeat(starts - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens)
-    return np.arange(total, dtype=np.int64) + offs
 
 
 def _per_worker_skip(layout: StreamLayout, nw: int, consumed: int) -> tuple[list[int], int]:
@@ -503,9 +513,12 @@ def _describe_filter(obs_filter, datasets, donors, exclude_donors, joinids) -> s
     return ", ".join(parts) or "whole store"
 
 
-def _store_fingerprint(store: CorpusStore, joinids: np.ndarray) -> str:
+def _store_fingerprint(store: CorpusStore, selection: CellSelection) -> str:
+    """Identifies the store's datasets and the selection (saved with the loader state). Hashed in
+    chunks: the same digest as hashing the whole joinid array, without materialising it."""
     h = hashlib.sha1()
     for d in store.complete_datasets():
         h.update(f"{d.dataset_id}:{d.start}:{d.stop}|".encode())
-    h.update(joinids.tobytes())
+    for chunk in selection.chunks():
+        h.update(chunk.tobytes())
     return h.hexdigest()[:16]
