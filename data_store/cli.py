@@ -54,6 +54,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "then vacuum what was merged. Safe to kill and re-run; CellStream readers keep reading meanwhile.",
     )
     o.add_argument("--store", required=True)
+    o.add_argument(
+        "--orphans-older-than",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="delete uncommitted fragments (left by killed writes) older than this (default: 3600)",
+    )
     o.add_argument("--json", action="store_true", help="print one JSON object")
     o.set_defaults(func=_optimize)
 
@@ -136,13 +143,16 @@ def _print_ingest(result) -> None:
 def _optimize(args: argparse.Namespace) -> int:
     from data_store.optimize import optimize_store
 
-    report = optimize_store(args.store)
+    if args.orphans_older_than < 0:
+        raise InputError(f"--orphans-older-than must be >= 0, got {args.orphans_older_than}")
+    report = optimize_store(args.store, orphan_age_s=args.orphans_older_than)
     if args.json:
         print(json.dumps(report.as_dict()))
         return 0
     frag = "" if report.fragments_before is None else f", fragments {report.fragments_before} -> {report.fragments_after}"
     files = "" if report.files_before is None else f", files TileDB lists {report.files_before} -> {report.files_after}"
-    print(f"optimized {report.store}: {report.arrays} arrays{frag}{files} in {report.seconds:.1f} s")
+    orphans = f", {report.orphans_removed} uncommitted fragments removed" if report.orphans_removed else ""
+    print(f"optimized {report.store}: {report.arrays} arrays{frag}{files}{orphans} in {report.seconds:.1f} s")
     return 0
 
 

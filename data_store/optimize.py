@@ -18,7 +18,9 @@ registry per write there).
 
 Safety. TileDB writes a merged fragment completely and commits it last, and vacuum deletes only
 what a committed consolidation replaced: a killed optimize leaves a store with the same cells (the
-old fragments still in use), and running it again finishes the job. A reader that opened an array
+old fragments still in use), and running it again finishes the job. What a killed write leaves
+(a fragment folder no commit names, ignored by every reader and by TileDB's vacuum) is deleted by a
+later optimize once it is older than ``orphan_age_s`` (an hour: never a write still in progress). A reader that opened an array
 before the vacuum holds a list of fragments that no longer exist; CorpusStore and CellStream reads
 reopen and read again when that happens (store.retry_if_vacuumed, store.XReader). Consolidation
 keeps every cell, so the second read returns what the first would have. One process writes at a
@@ -30,6 +32,7 @@ from __future__ import annotations
 import ctypes
 import glob
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,7 +44,7 @@ from data_store.registry import REGISTRY_KEY
 from data_store.store import LAYER, member_uri, retry_if_vacuumed, soma_context
 from hiceller.errors import StoreError
 
-__all__ = ["MODES", "OptimizeReport", "consolidate_group_metadata", "count_files", "optimize_store"]
+__all__ = ["MODES", "OptimizeReport", "consolidate_group_metadata", "count_files", "optimize_store", "remove_orphans"]
 
 MODES = ("fragments", "fragment_meta", "commits", "array_meta")
 
@@ -63,6 +66,8 @@ class OptimizeReport:
     seconds: float = 0.0
     per_array: dict[str, tuple[int, int]] = field(default_factory=dict)
     """Array (relative path) -> fragments before, after."""
+    orphans_removed: int = 0
+    """Uncommitted fragment folders (of killed writes or optimizes) deleted."""
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -123,8 +128,32 @@ def _consolidate(array_uri: str, store_uri: str, mode: str, since_ms: int | None
         arr._handle.consolidate_and_vacuum([mode])
 
 
+def remove_orphans(array_uri: str, older_than_s: float) -> int:
+    """Delete fragment folders of a local array that no commit names (partial writes of a killed
+    process), when older than ``older_than_s`` seconds. Returns how many."""
+    path = Path(array_uri.removeprefix("file://"))
+    frags, commits = path / "__fragments", path / "__commits"
+    if "://" in array_uri and not array_uri.startswith("file://") or not frags.is_dir():
+        return 0
+    committed = set()
+    for f in os.listdir(commits) if commits.is_dir() else []:
+        if f.endswith(".wrt"):
+            committed.add(f[: -len(".wrt")])
+        elif f.endswith(".con"):  # consolidated commits: one "__commits/<fragment>.wrt" per line
+            text = (commits / f).read_bytes().decode("utf-8", "replace")
+            committed |= {Path(line.strip()).name.removesuffix(".wrt") for line in text.splitlines() if line.strip()}
+    now = time.time()
+    removed = 0
+    for name in os.listdir(frags):
+        d = frags / name
+        if name not in committed and now - d.stat().st_mtime > older_than_s:
+            shutil.rmtree(d, ignore_errors=True)
+            removed += 1
+    return removed
+
+
 def optimize_store(
-    uri: str, since_ms: int | None = None, progress: Callable[[str], None] | None = None
+    uri: str, since_ms: int | None = None, progress: Callable[[str], None] | None = None, orphan_age_s: float = 3600.0
 ) -> OptimizeReport:
     """Consolidate and vacuum every array of the store (see the module docstring)."""
     from data_store.store import CorpusStore
@@ -135,6 +164,7 @@ def optimize_store(
     report = OptimizeReport(store=uri)
     arrays = retry_if_vacuumed(lambda: store_arrays(uri))
     before = {a: count_files(a) for a in arrays}
+    report.orphans_removed = sum(remove_orphans(a, orphan_age_s) for a in arrays)
     for a in arrays:
         if progress:
             progress(a)

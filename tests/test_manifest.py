@@ -1,0 +1,137 @@
+"""`hiceller ingest --manifest files.tsv`: per-file dataset id, tissue, disease, label and batch
+columns, and every bad row named in one error line with nothing written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from _fixtures import count_value, gene_names, make_h5ad, run_hiceller, tree_snapshot
+from data_store.store import CorpusStore
+
+
+def _write(path: Path, rows: list[list[str]]) -> Path:
+    path.write_text("".join("\t".join(r) + "\n" for r in rows))
+    return path
+
+
+def _files(tmp: Path) -> dict[str, Path]:
+    d = tmp / "studies"
+    d.mkdir()
+    make_h5ad(d / "lung.h5ad", 9, gene_names(6), count_value, label_column="celltype", batches=None, extra_obs={"sample": list("aabbccdde")})
+    make_h5ad(d / "liver.h5ad", 6, gene_names(6, start=3), count_value, seed=2)
+    make_h5ad(d / "blood.h5ad", 4, gene_names(5), count_value, labels=None, seed=3)
+    return {p.stem: p for p in d.iterdir()}
+
+
+def test_manifest_gives_each_file_its_metadata(tmp_path: Path, in_process) -> None:
+    files = _files(tmp_path)
+    manifest = _write(
+        tmp_path / "files.tsv",
+        [
+            ["path", "dataset_id", "tissue", "disease", "label", "batch"],
+            ["# a comment line, then an empty one"],
+            [],
+            ["studies/lung.h5ad", "lung-2019", "lung", "copd", "celltype", "sample"],
+            [str(files["liver"]), "", "liver", "", "", ""],  # empty cells take the flags
+            ["studies/blood.h5ad", "", "", "normal", "none", "none"],
+        ],
+    )
+    rc, out, err = in_process("ingest", "--no-progress", "--store", tmp_path / "s", "--manifest", manifest, "--disease", "fibrosis", "--tissue", "unknown")
+    assert rc == 0, err
+    assert out.splitlines()[:3] == [
+        "ingested lung-2019: 9 cells, 6 genes (6 new), counts",
+        "ingested liver: 6 cells, 6 genes (3 new), counts",
+        "ingested blood: 4 cells, 5 genes (0 new), counts",
+    ]
+    store = CorpusStore.open(tmp_path / "s")
+    obs = store.obs()
+    by = {d: obs[obs["dataset_id"] == d] for d in ("lung-2019", "liver", "blood")}
+    assert set(by["lung-2019"]["tissue"]) == {"lung"} and set(by["lung-2019"]["disease"]) == {"copd"}
+    assert by["lung-2019"]["cell_type"].tolist() == ["T", "B", "NK"] * 3
+    assert by["lung-2019"]["donor_id"].tolist() == list("aabbccdde")
+    assert set(by["liver"]["disease"]) == {"fibrosis"} and by["liver"]["donor_id"].tolist() == ["d1", "d2"] * 3
+    assert set(by["blood"]["cell_type"]) == {"unknown"} and set(by["blood"]["donor_id"]) == {"unknown"}
+    assert set(by["blood"]["tissue"]) == {"unknown"} and not store.record("blood").labeled
+    # Running it again skips every dataset (all complete from the same files).
+    rc, out, _ = in_process("ingest", "--no-progress", "--store", tmp_path / "s", "--manifest", manifest)
+    assert rc == 0 and "skipped 3 dataset(s)" in out and "nothing to ingest" in out
+
+
+def _refused(tmp_path: Path, in_process, manifest: Path, *flags: str) -> str:
+    uri = tmp_path / "s"
+    rc, out, err = in_process("ingest", "--no-progress", "--store", uri, "--manifest", manifest, *flags)
+    assert rc == 2 and out == "", (rc, out, err)
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hiceller ingest: error: ") and str(manifest) in lines[0], err
+    assert tree_snapshot(uri) is None, "a store was written"
+    return lines[0]
+
+
+def test_every_bad_row_is_named(tmp_path: Path, in_process) -> None:
+    files = _files(tmp_path)
+    manifest = _write(
+        tmp_path / "files.tsv",
+        [
+            ["path", "dataset_id", "tissue"],
+            ["studies/lung.h5ad", "a", "lung"],  # line 2: fine
+            ["studies/absent.h5ad", "", "lung"],  # 3: no such file
+            ["", "x", "lung"],  # 4: empty path
+            ["studies/liver.h5ad", "a", "liver"],  # 5: id of row 2
+            ["studies/blood.h5ad", "lung"],  # 6: 2 fields
+            ["studies/blood.h5ad", "a/b", "blood"],  # 7: not a member name
+        ],
+    )
+    line = _refused(tmp_path, in_process, manifest)
+    assert "5 bad rows" in line
+    for expected in ("row 3: ", "absent.h5ad does not exist", "row 4: empty path", "row 5: dataset id 'a' is also on row 2", "row 6: 2 fields, the header has 3", "row 7: dataset id 'a/b' may not contain '/'"):
+        assert expected in line, (expected, line)
+    assert "row 2" not in line.replace("on row 2", "")
+    assert files
+
+
+def test_bad_files_are_named_by_row_after_the_rows_pass(tmp_path: Path, in_process) -> None:
+    files = _files(tmp_path)
+    manifest = _write(
+        tmp_path / "files.tsv",
+        [
+            ["path", "label"],
+            [str(files["lung"]), "cell_type"],  # 2: lung's labels are in 'celltype'
+            [str(files["liver"]), ""],  # 3: fine
+            [str(files["blood"]), ""],  # 4: blood has no labels and the row does not say 'none'
+        ],
+    )
+    line = _refused(tmp_path, in_process, manifest)
+    assert "2 bad rows" in line and "row 2: " in line and "row 4: " in line and "row 3" not in line
+    assert line.count("obs has no label column 'cell_type'") == 2
+
+
+@pytest.mark.parametrize(
+    "header, problem",
+    [
+        (["file", "tissue"], "no 'path' column; unknown column 'file'"),
+        (["path", "organ"], "unknown column 'organ'"),
+        (["path", "path"], "column 'path' twice"),
+    ],
+)
+def test_bad_header(tmp_path: Path, in_process, header: list[str], problem: str) -> None:
+    _files(tmp_path)
+    manifest = _write(tmp_path / "files.tsv", [header, ["studies/lung.h5ad", "x"]])
+    assert problem in _refused(tmp_path, in_process, manifest)
+
+
+def test_manifest_or_files_not_both(tmp_path: Path, in_process) -> None:
+    files = _files(tmp_path)
+    manifest = _write(tmp_path / "files.tsv", [["path"], ["studies/liver.h5ad"]])
+    for args in (["--manifest", manifest, files["liver"]], [], ["--manifest", manifest, "--dataset-id", "x"]):
+        rc, _out, err = in_process("ingest", "--no-progress", "--store", tmp_path / "s", *args)
+        assert rc == 2 and len(err.splitlines()) == 1, err
+    assert tree_snapshot(tmp_path / "s") is None
+    assert "manifest does not exist" in _refused(tmp_path, in_process, tmp_path / "absent.tsv")
+
+
+def test_cli_dataset_id_must_name_a_member(tmp_path: Path) -> None:
+    make_h5ad(tmp_path / "a.h5ad", 3, gene_names(3))
+    r = run_hiceller("ingest", "--no-progress", "--store", tmp_path / "s", "--dataset-id", "x/y", tmp_path / "a.h5ad")
+    assert r.returncode == 2 and "may not contain '/'" in r.stderr and not (tmp_path / "s").exists()
