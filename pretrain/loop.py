@@ -23,6 +23,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 import zipfile
 from dataclasses import dataclass, field
@@ -57,6 +58,8 @@ class LoopResult:
     stopped_early: bool = False
     engine: Any = None
     """The DeepSpeed engine, for callers that go on using the trained weights (fine-tuning)."""
+    setup: dict[str, Any] = field(default_factory=dict)
+    """What the run computed with (attention backend, optimizer, autocast, compile), as logged."""
 
 
 def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float:
@@ -93,8 +96,9 @@ def _apply_compile(task: nn.Module) -> None:
     apply_compile(model)
 
 
-def _report_setup(cfg: RunConfig, attention: str, opt: OptimizerChoice, dist: DistInfo, tracker: Tracker, log_prefix: str) -> None:
-    """What this run computes with, on stdout and as MLflow tags (rank 0)."""
+def _report_setup(cfg: RunConfig, attention: str, opt: OptimizerChoice, dist: DistInfo, tracker: Tracker,
+                  log_prefix: str) -> dict[str, Any]:
+    """What this run computes with, on stdout and as MLflow tags (rank 0); returns the tags."""
     tags = {
         "attention_backend": attention,
         "optimizer": opt.name,
@@ -105,11 +109,16 @@ def _report_setup(cfg: RunConfig, attention: str, opt: OptimizerChoice, dist: Di
     if opt.note:
         tags["optimizer_note"] = opt.note
     if not dist.is_main:
-        return
+        return tags
     tracker.set_tags(tags)
     note = f" ({opt.note})" if opt.note else ""
     print(f"{log_prefix}attention {attention}, optimizer {opt.name}{note}, autocast {cfg.train.autocast}, "
           f"compile {cfg.train.compile}", flush=True)
+    if cfg.train.compile and attention == "sdpa":
+        print(f"{log_prefix}warning: train.compile with SDPA attention recompiles for every new mix of cell lengths "
+              "(290x slower than eager on CPU, bench/RESULTS.md \"GPU path\"); it is meant for the flash kernels",
+              file=sys.stderr, flush=True)
+    return tags
 
 
 def _all_reduce_mean(values: list[float], dist: DistInfo) -> list[float]:
@@ -164,7 +173,7 @@ def train(
         optimizer, lambda s: warmup_cosine(s, cfg.train.steps, cfg.train.warmup_steps, cfg.train.min_lr_ratio)
     )
     engine, _, _, _ = deepspeed.initialize(model=task, optimizer=optimizer, lr_scheduler=sched, config=ds_cfg)
-    _report_setup(cfg, attention, opt, dist, tracker, log_prefix)
+    setup = _report_setup(cfg, attention, opt, dist, tracker, log_prefix)
     run_dir = Path(run_dir)
     metrics_path = run_dir / "metrics.jsonl"
 
@@ -182,7 +191,7 @@ def train(
             _trim_metrics(metrics_path, step)
 
     feed = MicroBatchFeed(task, streams, cfg, dist.device, lookahead=dist.device.type == "cuda")
-    result = LoopResult(step=step)
+    result = LoopResult(step=step, setup=setup)
     bar = None
     if dist.is_main and progress:
         from tqdm.auto import tqdm
