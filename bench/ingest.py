@@ -257,10 +257,12 @@ def profile(workdir: Path, n_cells: int, n_genes: int, mean_nnz: int) -> dict:
 
         return wrapper
 
-    ing.iter_csr_chunks = timed_iter("h5ad read (both passes)", ing.iter_csr_chunks)
+    from data_store.h5ad_reader import H5adFile
+
+    H5adFile.iter_csr_chunks = timed_iter("h5ad read (both passes)", H5adFile.iter_csr_chunks)  # type: ignore[method-assign]
     ing._check_chunk = timed("validate values", ing._check_chunk)
-    st.CorpusStore.write_chunk = timed("TileDB write (X + obs)", st.CorpusStore.write_chunk)
-    ing.write_checked = timed("write pass total", ing.write_checked)
+    st.CorpusStore.write_cells = timed("TileDB write (X + obs)", st.CorpusStore.write_cells)  # type: ignore[method-assign]
+    ing._write_batch = timed("write pass total", ing._write_batch)
     ing.check_h5ad = timed("check pass total", ing.check_h5ad)
     store = workdir / "profile_store"
     shutil.rmtree(store, ignore_errors=True)

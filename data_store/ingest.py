@@ -4,8 +4,8 @@ Each file becomes one dataset. Every file is validated completely before anythin
 input leaves the store untouched, and every bad file is named at once). Then the files are written
 in *batches*: consecutive files holding together at most ``chunk_nnz`` non-zeros (and at most
 ``MAX_BATCH_FILES`` files) share one vocabulary update, one registry write reserving their joinid
-ranges, one X and one obs fragment, one extra_obs DataFrame per set of obs columns, and one registry
-write marking them complete. A file larger than that is a batch of its own, written chunk by chunk
+ranges, one X and one obs fragment (and one in the extra_obs DataFrame of their other obs columns,
+shared by every dataset with those columns), and one registry write marking them complete. A file larger than that is a batch of its own, written chunk by chunk
 straight from disk. So a thousand 60-cell files pay per-batch costs about twenty times, not a
 thousand; what remains per file is reading it (twice: validation, then writing).
 
@@ -28,7 +28,7 @@ import pyarrow as pa
 import scipy.sparse as sp
 
 from data_store.h5ad_reader import H5adFile, open_h5ad
-from data_store.store import OBS_COLUMNS, UNKNOWN, CorpusStore, DatasetRecord, extra_obs_table, obs_table
+from data_store.store import OBS_COLUMNS, UNKNOWN, CorpusStore, DatasetRecord, extra_obs_table, obs_table, schema_key
 from hiceller.errors import HicellerError, InputError
 
 __all__ = [
@@ -308,7 +308,7 @@ def check_h5ad(path: Path, opts: IngestOptions, progress: Progress | None = None
         kind="counts" if integer else "logexpr",
         fingerprint=_fingerprint(path, n, g),
         opts=opts,
-        extra_schema="" if schema is None else schema.to_string(show_schema_metadata=False),
+        extra_schema="" if schema is None else schema_key(schema),
         notes=notes,
         genes_key=genes_key,
         obs_tables=(meta, extra),
@@ -407,11 +407,10 @@ class _CellWriter:
         self.fragments = 0
         self._parts: list[tuple[sp.csr_matrix, ObsMeta]] = []
         self._extra: dict[str, list[pa.Table]] = {}
-        self._domains: dict[str, tuple[int, int]] = {}
         self._first = self._next = -1
         self._nnz = 0
 
-    def add(self, first: int, m: sp.csr_matrix, obs: ObsMeta, extra: tuple[str, tuple[int, int], pd.DataFrame] | None) -> None:
+    def add(self, first: int, m: sp.csr_matrix, obs: ObsMeta, extra: tuple[str, pd.DataFrame] | None) -> None:
         if self._parts and first != self._next:
             self.flush()  # a resumed dataset elsewhere in joinid space: X writes need consecutive rows
         if not self._parts:
@@ -420,9 +419,8 @@ class _CellWriter:
         self._next = first + m.shape[0]
         self._nnz += m.nnz
         if extra is not None:
-            name, domain, frame = extra
+            name, frame = extra
             self._extra.setdefault(name, []).append(extra_obs_table(frame, first))
-            self._domains[name] = domain
         if self._nnz >= self.chunk_nnz:
             self.flush()
 
@@ -437,7 +435,7 @@ class _CellWriter:
         self.store.write_cells(self._first, indptr, indices, data, obs_table(obs, self._first))
         for name, tables in self._extra.items():
             # One chunk: tiledbsoma submits each chunk of a table as its own TileDB write.
-            self.store.write_extra_obs(name, self._domains[name], pa.concat_tables(tables).combine_chunks())
+            self.store.write_extra_obs(name, pa.concat_tables(tables).combine_chunks())
         self.fragments += 1
         self._parts, self._extra, self._nnz = [], {}, 0
 
@@ -452,10 +450,10 @@ def _to_vocab(m: sp.csr_matrix, col_ids: np.ndarray) -> sp.csr_matrix:
     return m
 
 
-def _new_records(store: CorpusStore, sources: list[_Source], vocab_ids: list[np.ndarray], n_before: int) -> list[DatasetRecord]:
+def _new_records(sources: list[_Source], vocab_ids: list[np.ndarray], n_before: int, shared: dict[str, str]) -> list[DatasetRecord]:
     """Records to reserve for ``sources`` (new_genes counted in batch order), extra_obs named: the
-    datasets of a batch that share their other obs columns share one DataFrame, named after the
-    first of them."""
+    datasets that share their other obs columns share one DataFrame (``shared``: those of the store),
+    a new one named after the first of them."""
     seen = np.zeros(0, dtype=np.int64)
     lists_seen: set[str] = set()
     groups: dict[str, str] = {}
@@ -466,7 +464,7 @@ def _new_records(store: CorpusStore, sources: list[_Source], vocab_ids: list[np.
         new = np.setdiff1d(fresh, seen)
         seen = np.union1d(seen, new)
         lists_seen.add(c.genes_key)
-        extra_name = groups.setdefault(c.extra_schema, c.dataset_id) if c.extra_schema else ""
+        extra_name = (shared.get(c.extra_schema) or groups.setdefault(c.extra_schema, c.dataset_id)) if c.extra_schema else ""
         records.append(
             DatasetRecord(
                 dataset_id=c.dataset_id,
@@ -487,17 +485,6 @@ def _new_records(store: CorpusStore, sources: list[_Source], vocab_ids: list[np.
             )
         )
     return records
-
-
-def _extra_domains(store: CorpusStore, records: list[DatasetRecord]) -> dict[str, tuple[int, int]]:
-    """Joinid domain of each extra_obs DataFrame the records write: every dataset that names it."""
-    names = {r.extra_obs for r in records if r.extra_obs}
-    out: dict[str, tuple[int, int]] = {}
-    for r in store.datasets.values() if names else []:
-        if r.extra_obs in names:
-            lo, hi = out.get(r.extra_obs, (r.start, r.stop - 1))
-            out[r.extra_obs] = (min(lo, r.start), max(hi, r.stop - 1))
-    return out
 
 
 def _vocab_ids(vocab: pd.Index, sources: list[_Source]) -> list[np.ndarray]:
@@ -523,12 +510,11 @@ def _write_batch(store: CorpusStore, writer: _CellWriter, checks: list[SourceChe
         union = pd.unique(np.concatenate([np.asarray(g, dtype=object) for g in lists.values()]))
         store.extend_vocabulary(union)
         vocab_ids = _vocab_ids(store.vocabulary(), sources)
-        reserved = store.reserve_datasets(_new_records(store, sources, vocab_ids, n_before))
+        reserved = store.reserve_datasets(_new_records(sources, vocab_ids, n_before, store.shared_extra_obs()))
         # A resumed dataset of a format-1 store kept its other obs columns under its own name.
         reserved = [replace(r, extra_obs=r.extra_obs or (r.dataset_id if s.extra.shape[1] else "")) for r, s in zip(reserved, sources)]
-        domains = _extra_domains(store, reserved)
         for s, rec, ids in zip(sources, reserved, vocab_ids):
-            _write_source(writer, s, rec, ids, domains, progress)
+            _write_source(writer, s, rec, ids, progress)
         writer.flush()
     finally:
         for s in sources:
@@ -537,13 +523,10 @@ def _write_batch(store: CorpusStore, writer: _CellWriter, checks: list[SourceChe
     return reserved
 
 
-def _write_source(
-    writer: _CellWriter, s: _Source, rec: DatasetRecord, ids: np.ndarray, domains: dict[str, tuple[int, int]], progress: Progress | None
-) -> None:
-    domain = domains.get(rec.extra_obs, (rec.start, rec.stop - 1))
+def _write_source(writer: _CellWriter, s: _Source, rec: DatasetRecord, ids: np.ndarray, progress: Progress | None) -> None:
     for row0, m in s.file.iter_csr_chunks(s.check.opts.chunk_nnz):
         rows = slice(row0, row0 + m.shape[0])
-        extra = (rec.extra_obs, domain, s.extra.iloc[rows]) if s.extra.shape[1] else None
+        extra = (rec.extra_obs, s.extra.iloc[rows]) if s.extra.shape[1] else None
         writer.add(rec.start + row0, _to_vocab(m, ids), _slice_meta(s.obs, rows), extra)
         if progress:
             progress(m.shape[0])

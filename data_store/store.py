@@ -5,9 +5,9 @@ Layout (all SOMA objects, readable by any TileDB-SOMA client)::
     STORE/                      SOMAExperiment, metadata["hiceller"] = {"format": 2, "registry": "datasets"}
       datasets                  SOMADataFrame, one row per dataset: the registry (data_store/registry.py)
       obs                       soma_joinid, obs_id, cell_type, tissue, disease, donor_id, dataset_id
-      extra_obs/<name>          SOMADataFrame: soma_joinid + every other obs column, for one dataset or
-                                for the datasets of one bulk write that share their columns (the
-                                registry row's ``extra_obs`` names it)
+      extra_obs/<name>          SOMADataFrame: soma_joinid + every other obs column, shared by every
+                                dataset with the same other columns (the registry row's ``extra_obs``
+                                names it; named after the first such dataset)
       ms/RNA/var                soma_joinid = vocabulary id, gene (the store-wide gene vocabulary)
       ms/RNA/X/data             SparseNDArray float32 [cells x vocabulary], values as ingested
 
@@ -67,6 +67,7 @@ __all__ = [
     "is_store",
     "read_x_cells",
     "retry_if_vacuumed",
+    "schema_key",
     "soma_context",
 ]
 
@@ -74,6 +75,9 @@ LAYER = "data"
 OBS_COLUMNS = ("obs_id", "cell_type", "tissue", "disease", "donor_id", "dataset_id")
 _GROWTH = 1.5
 """Domains grow to at least this factor of their size (O(log n) schema versions, see above)."""
+EXTRA_OBS_DOMAIN = (0, (1 << 40) - 1)
+"""Joinids an extra_obs DataFrame accepts: every dataset with the same other obs columns shares one
+(a DataFrame per dataset would make the extra_obs group, read at each addition, grow per dataset)."""
 
 # Row tiles of 2048 cells, one column tile spanning every gene: TileDB's global order is then plain
 # (cell, gene) order, so a CSR chunk with sorted columns is written without TileDB re-sorting it
@@ -452,8 +456,7 @@ class CorpusStore:
             raise StoreError(f"dataset {record.dataset_id}: chunk beyond its reserved range")
         self.write_cells(first, indptr, indices, data, obs_table(obs, first))
         if extra is not None and extra.shape[1]:
-            table = extra_obs_table(extra, first)
-            self.write_extra_obs(record.extra_obs or record.dataset_id, (record.start, record.stop - 1), table)
+            self.write_extra_obs(record.extra_obs or record.dataset_id, extra_obs_table(extra, first))
 
     def write_cells(self, first: int, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, obs: pa.Table) -> None:
         """X and obs of the consecutive cells [first, first + n), which may span several reserved
@@ -473,8 +476,8 @@ class CorpusStore:
         with soma.DataFrame.open(member_uri(self.uri, "obs"), "w", context=self._ctx) as obs_df:
             obs_df.write(obs.combine_chunks(), platform_config=_GLOBAL_ORDER_WRITE)  # joinids ascending
 
-    def write_extra_obs(self, name: str, domain: tuple[int, int], table: pa.Table) -> None:
-        """Rows of ``extra_obs/<name>``, created with the joinid ``domain`` it will ever hold."""
+    def write_extra_obs(self, name: str, table: pa.Table, domain: tuple[int, int] = EXTRA_OBS_DOMAIN) -> None:
+        """Rows of ``extra_obs/<name>`` (created on first use for ``domain``)."""
         uri = member_uri(self.uri, "extra_obs", name)
         if not _exists(uri, self._ctx):
             with soma.Collection.open(member_uri(self.uri, "extra_obs"), "w", context=self._ctx) as coll:
@@ -483,6 +486,20 @@ class CorpusStore:
         with soma.DataFrame.open(uri, "w", context=self._ctx) as df:
             # One chunk in global order (joinids ascending): one TileDB write, one fragment.
             df.write(table.combine_chunks(), platform_config=_GLOBAL_ORDER_WRITE)
+
+    def shared_extra_obs(self) -> dict[str, str]:
+        """Schema key (:func:`schema_key`) -> name of the extra_obs DataFrames that any later dataset
+        with those columns can share (created for every joinid). Few: one per set of columns."""
+        names = sorted({r.extra_obs for r in self._records.values() if r.extra_obs})
+        out: dict[str, str] = {}
+        for name in names:
+            uri = member_uri(self.uri, "extra_obs", name)
+            if not _exists(uri, self._ctx):
+                continue
+            with soma.DataFrame.open(uri, context=self._ctx) as df:
+                if int(df.domain[0][1]) >= EXTRA_OBS_DOMAIN[1]:
+                    out.setdefault(schema_key(df.schema), name)
+        return out
 
     # ------------------------------------------------------------------ reading
     def obs(self, column_names: list[str] | None = None, value_filter: str | None = None) -> pd.DataFrame:
@@ -646,6 +663,11 @@ def extra_obs_table(extra: pd.DataFrame, first: int) -> pa.Table:
             for name, col in zip(table.column_names, table.columns)
         }
     )
+
+
+def schema_key(schema: pa.Schema) -> str:
+    """Names and types of a table's columns: datasets whose other obs columns agree share a DataFrame."""
+    return ";".join(f"{f.name}:{f.type}" for f in schema)
 
 
 def _exists(uri: str, ctx: soma.SOMATileDBContext | None) -> bool:

@@ -166,3 +166,24 @@ def test_format1_store_migrates_on_its_next_ingest(tmp_path: Path) -> None:
     assert len(os.listdir(uri / "__meta")) == 1, "the old registry copies were not consolidated"
     names, expected = source_matrix(tmp_path / "d.h5ad", store_matrix(uri).vocab)
     assert (store_matrix(uri).X[60:67] != expected).nnz == 0
+
+
+def test_datasets_with_the_same_other_columns_share_one_extra_obs_dataframe(tmp_path: Path) -> None:
+    """A DataFrame per dataset would grow the extra_obs group (read at every addition) per dataset."""
+    uri = tmp_path / "s"
+    for i in range(3):  # three separate ingests, same columns
+        make_h5ad(tmp_path / f"a{i}.h5ad", 5, gene_names(4), count_value, seed=i, cell_prefix=f"a{i}-", extra_obs={"depth": np.arange(5) + 10 * i})
+        ingest_files(str(uri), [tmp_path / f"a{i}.h5ad"], IngestOptions())
+    make_h5ad(tmp_path / "b.h5ad", 4, gene_names(4), count_value, extra_obs={"site": list("xyzw")})
+    make_h5ad(tmp_path / "c.h5ad", 3, gene_names(4), count_value)  # no other columns
+    ingest_files(str(uri), [tmp_path / "b.h5ad", tmp_path / "c.h5ad"], IngestOptions())
+    with soma.Experiment.open(str(uri)) as exp:
+        assert sorted(exp["extra_obs"].keys()) == ["a0", "b"]
+    store = CorpusStore.open(uri)
+    assert [store.record(f"a{i}").extra_obs for i in range(3)] == ["a0"] * 3
+    for i in range(3):
+        got = store.extra_obs(f"a{i}")
+        assert got["depth"].tolist() == list(range(10 * i, 10 * i + 5))
+        assert got["soma_joinid"].tolist() == list(range(store.record(f"a{i}").start, store.record(f"a{i}").stop))
+    assert store.extra_obs("b")["site"].tolist() == list("xyzw")
+    assert list(store.extra_obs("c").columns) == ["soma_joinid"]
