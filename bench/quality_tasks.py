@@ -26,6 +26,7 @@ classes with under 1% of the reference's cells; accuracy over all query cells.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -192,10 +193,43 @@ def logistic_regression(train, test, penalty: str, seed: int = 0, c_grid: tuple[
     return clf.predict(xb), {"C": best, "cv_macro_f1": cv, "genes": len(genes)}
 
 
+class _OneVsRestLR:
+    """What CellTypist 1.7 builds, ``LogisticRegression(multi_class="ovr", ...)``, for a scikit-learn
+    that no longer takes ``multi_class`` (1.8+): one binary logistic regression per class, exposing
+    the ``classes_``, ``coef_``, ``intercept_`` and ``decision_function`` CellTypist reads."""
+
+    def __init__(self, multi_class: str = "ovr", n_jobs: int | None = None, **kwargs):
+        if multi_class != "ovr":
+            raise ValueError(f"only one-vs-rest is emulated, got multi_class={multi_class!r}")
+        self.kwargs = kwargs
+
+    def fit(self, x, y):
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.multiclass import OneVsRestClassifier
+
+        ovr = OneVsRestClassifier(LogisticRegression(**self.kwargs)).fit(x, y)
+        self.classes_ = ovr.classes_
+        self.coef_ = np.vstack([e.coef_ for e in ovr.estimators_])
+        self.intercept_ = np.concatenate([e.intercept_ for e in ovr.estimators_])
+        self.n_features_in_ = self.coef_.shape[1]
+        return self
+
+    def decision_function(self, x):
+        return np.asarray(x @ self.coef_.T) + self.intercept_
+
+
 def celltypist_predict(train, test, seed: int = 0) -> tuple[np.ndarray, dict]:
     """CellTypist with its training defaults on log1p-CP10k of the shared genes."""
     import anndata as ad
     import celltypist
+
+    try:  # scikit-learn >= 1.8 dropped the multi_class argument CellTypist 1.7 passes
+        from sklearn.linear_model import LogisticRegression
+
+        LogisticRegression(multi_class="ovr")
+    except TypeError:
+        # (``celltypist.train`` is the function; its module is in sys.modules)
+        sys.modules["celltypist.train"].LogisticRegression = _OneVsRestLR
 
     xa, xb, genes = shared_features(train, test)
     ref = ad.AnnData(sp.csr_matrix(xa, dtype=np.float32))
