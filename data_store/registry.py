@@ -38,6 +38,7 @@ __all__ = [
     "parse_store_meta",
     "read_registry",
     "records_from_legacy",
+    "records_from_table",
     "write_records",
 ]
 
@@ -148,16 +149,22 @@ def write_records(exp: soma.Experiment, records: list[DatasetRecord]) -> None:
 
 def read_registry(exp: soma.Experiment) -> dict[str, DatasetRecord]:
     """Every row of the registry of an open format-2 experiment, by dataset id."""
-    table = exp[REGISTRY_KEY].read().concat()
-    rows = table.to_pylist()
+    return records_from_table(exp[REGISTRY_KEY].read().concat())
+
+
+def records_from_table(table: pa.Table) -> dict[str, DatasetRecord]:
     out: dict[str, DatasetRecord] = {}
-    for row in rows:
+    for row in table.to_pylist():
         slot = row.pop("soma_joinid")
         for f in _JSON_FIELDS:
             row[f] = json.loads(row[f]) if row[f] else ([] if f == "notes" else {})
         rec = DatasetRecord(slot=slot, **row)
         out[rec.dataset_id] = rec
     return out
+
+
+SPAN_COLUMNS = ["dataset_id", "start", "stop", "status"]
+"""What readers of cells need from the registry (not the JSON counts, most of its bytes)."""
 
 
 def records_from_legacy(meta: dict[str, Any]) -> dict[str, DatasetRecord]:

@@ -33,7 +33,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
@@ -51,8 +51,9 @@ from data_store.registry import (
     DatasetRecord,
     create_registry,
     parse_store_meta,
-    read_registry,
+    SPAN_COLUMNS,
     records_from_legacy,
+    records_from_table,
     records_to_table,
     store_meta,
     write_records,
@@ -167,16 +168,45 @@ def _grown(current: int, need: int) -> int:
     return need if current <= 1 else max(need, int(current * _GROWTH))
 
 
+@dataclass(frozen=True)
+class Spans:
+    """Joinid ranges and status of every dataset, as arrays (in registry order)."""
+
+    dataset_id: np.ndarray
+    start: np.ndarray
+    stop: np.ndarray
+    complete: np.ndarray
+
+    @classmethod
+    def of(cls, records: list[DatasetRecord]) -> "Spans":
+        return cls(
+            np.array([r.dataset_id for r in records], dtype=object),
+            np.array([r.start for r in records], dtype=np.int64),
+            np.array([r.stop for r in records], dtype=np.int64),
+            np.array([r.status == "complete" for r in records], dtype=bool),
+        )
+
+    @classmethod
+    def from_table(cls, table: pa.Table) -> "Spans":
+        col = {c: table.column(c).to_numpy(zero_copy_only=False) for c in SPAN_COLUMNS}
+        return cls(col["dataset_id"].astype(object), col["start"].astype(np.int64), col["stop"].astype(np.int64), col["status"] == "complete")
+
+
 class CorpusStore:
     """Read access to a HiCeller store, and the few write steps ingest and synth are built from.
 
     The object is a snapshot of the registry taken at open (``reload()`` takes a new one); its own
-    writes keep the snapshot current. One process writes a store at a time.
+    writes keep the snapshot current. One process writes a store at a time. Opening reads only the
+    registry's ranges and status (what a reader of cells needs: constant per dataset, a few bytes);
+    the full records (counts, notes) are read when first asked for.
     """
 
-    def __init__(self, uri: str, records: dict[str, DatasetRecord], store_format: int, legacy_n_genes: int = 0):
+    def __init__(
+        self, uri: str, records: dict[str, DatasetRecord] | None, store_format: int, legacy_n_genes: int = 0, spans: Spans | None = None
+    ):
         self.uri = uri
-        self._records = records
+        self._record_map = records
+        self._spans_cache = spans
         self.format = store_format
         """1: registry as one JSON value (read, migrated on the first write); 2: registry DataFrame."""
         self._legacy_n_genes = legacy_n_genes
@@ -184,6 +214,22 @@ class CorpusStore:
         self._n_genes: int | None = None
         self._complete: list[DatasetRecord] | None = None
         self._ctx = soma_context(uri)
+
+    @property
+    def _records(self) -> dict[str, DatasetRecord]:
+        if self._record_map is None:
+            self._record_map = retry_if_vacuumed(self._read_records)
+            self._spans_cache = None  # from the records from now on: one consistent snapshot
+        return self._record_map
+
+    def _read_records(self) -> dict[str, DatasetRecord]:
+        with soma.DataFrame.open(member_uri(self.uri, REGISTRY_KEY), context=self._ctx) as reg:
+            return records_from_table(reg.read().concat())
+
+    def _spans(self) -> Spans:
+        if self._spans_cache is None:
+            self._spans_cache = Spans.of(list(self._records.values()))
+        return self._spans_cache
 
     # ------------------------------------------------------------------ open / create
     @classmethod
@@ -207,7 +253,8 @@ class CorpusStore:
                 for rec in records.values():  # format 1 named a dataset's other obs columns after it
                     rec.extra_obs = rec.dataset_id if rec.dataset_id in extra else ""
                 return cls(uri, records, LEGACY_FORMAT, int(meta.get("n_genes", 0)))
-            return cls(uri, read_registry(exp), FORMAT_VERSION)
+            spans = Spans.from_table(exp[REGISTRY_KEY].read(column_names=SPAN_COLUMNS).concat())
+            return cls(uri, None, FORMAT_VERSION, spans=spans)
 
     @classmethod
     def open_or_create(cls, uri: str | Path) -> "CorpusStore":
@@ -257,11 +304,20 @@ class CorpusStore:
 
     @property
     def next_joinid(self) -> int:
-        return max((d.stop for d in self._records.values()), default=0)
+        stop = self._spans().stop
+        return int(stop.max()) if len(stop) else 0
 
     @property
     def n_cells(self) -> int:
-        return sum(d.n_cells for d in self._records.values() if d.status == "complete")
+        sp = self._spans()
+        return int((sp.stop - sp.start)[sp.complete].sum())
+
+    def complete_spans(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(dataset ids, starts, stops) of complete datasets in joinid order, without reading the
+        full records."""
+        sp = self._spans()
+        order = np.argsort(sp.start[sp.complete], kind="stable")
+        return sp.dataset_id[sp.complete][order], sp.start[sp.complete][order], sp.stop[sp.complete][order]
 
     @property
     def n_genes(self) -> int:
@@ -279,13 +335,12 @@ class CorpusStore:
 
     def complete_ranges(self) -> list[tuple[int, int]]:
         """[start, stop) joinid ranges of complete datasets, merged where adjacent."""
-        out: list[tuple[int, int]] = []
-        for d in self.complete_datasets():
-            if out and out[-1][1] == d.start:
-                out[-1] = (out[-1][0], d.stop)
-            else:
-                out.append((d.start, d.stop))
-        return out
+        _ids, start, stop = self.complete_spans()
+        if not len(start):
+            return []
+        cut = np.flatnonzero(start[1:] != stop[:-1]) + 1  # a gap (or an unfinished dataset) between
+        firsts, lasts = np.concatenate([[0], cut]), np.concatenate([cut - 1, [len(start) - 1]])
+        return [(int(a), int(b)) for a, b in zip(start[firsts], stop[lasts])]
 
     def reload(self) -> None:
         fresh = CorpusStore.open(self.uri)
@@ -295,6 +350,7 @@ class CorpusStore:
         for r in records:
             self._records[r.dataset_id] = replace(r)
         self._complete = None
+        self._spans_cache = None
 
     def ensure_current_format(self) -> None:
         """Migrate a format-1 store to the registry DataFrame (every write starts here).

@@ -517,8 +517,8 @@ def _store_fingerprint(store: CorpusStore, selection: CellSelection) -> str:
     """Identifies the store's datasets and the selection (saved with the loader state). Hashed in
     chunks: the same digest as hashing the whole joinid array, without materialising it."""
     h = hashlib.sha1()
-    for d in store.complete_datasets():
-        h.update(f"{d.dataset_id}:{d.start}:{d.stop}|".encode())
+    ids, starts, stops = store.complete_spans()
+    h.update("".join(f"{i}:{a}:{b}|" for i, a, b in zip(ids.tolist(), starts.tolist(), stops.tolist())).encode())
     for chunk in selection.chunks():
         h.update(chunk.tobytes())
     return h.hexdigest()[:16]

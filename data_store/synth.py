@@ -19,6 +19,7 @@ interrupted synth re-run writes exactly the same cells.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -26,6 +27,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from data_store.ingest import AUTO_OPTIMIZE_FRAGMENTS
 from data_store.store import CorpusStore, DatasetRecord
 from hiceller.errors import InputError
 
@@ -229,6 +231,7 @@ def synthesize(
 ) -> list[DatasetRecord]:
     """Write the corpus as one dataset per tissue, in tissue order (as real corpora are ingested)."""
     corpus = SyntheticCorpus(spec)
+    t0_ms = int(time.time() * 1000) - 1
     store = CorpusStore.open_or_create(store_uri)
     col_ids, n_new = store.extend_vocabulary(corpus.genes)
     monotone = bool(np.all(np.diff(col_ids) > 0))
@@ -273,4 +276,10 @@ def synthesize(
         record.counts = counts
         store.finish_dataset(record)
         done.append(record)
+    # Each dataset left a fragment per chunk in X and obs and two in the registry: merge what this
+    # run wrote, as an ingest does (data_store/optimize.py).
+    if 2 * len(done) + sum(-(-r.n_cells // spec.chunk_cells) for r in done) >= AUTO_OPTIMIZE_FRAGMENTS:
+        from data_store.optimize import optimize_store
+
+        optimize_store(store_uri, since_ms=t0_ms)
     return done
