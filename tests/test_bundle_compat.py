@@ -29,5 +29,6 @@ def test_bundle_v1_loads_and_annotates_as_it_did():
     assert ann.bundle.input_genes == [f"GENE{i}" for i in range(12)]
     proba, emb = ann.predict_proba(fixed_query())
     expected = json.loads((ASSETS / "bundle_v1_expected.json").read_text())
-    np.testing.assert_allclose(proba, np.array(expected["proba"]), atol=1e-5)
-    np.testing.assert_allclose(emb[:, :4], np.array(expected["emb4"]), atol=1e-5)
+    np.testing.assert_allclose(proba, np.array(expected["proba"]), atol=1e-6)
+    # cells differ in their embeddings by ~1e-4 here, so a change in what the encoder reads shows
+    np.testing.assert_allclose(emb, np.array(expected["emb"]), atol=2e-6)
