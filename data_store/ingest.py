@@ -16,6 +16,7 @@ An ingest that wrote many fragments optimizes what it wrote at the end (data_sto
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -50,6 +51,10 @@ AUTO_OPTIMIZE_FRAGMENTS = 32
 """An ingest that wrote at least this many fragments into one array optimizes what it wrote."""
 OBS_CACHE_CELLS = 1_000_000
 """Cells whose obs validation keeps for writing (~150 MB); decoding obs again costs ~5 ms per file."""
+PARALLEL_VALIDATION_FILES = 32
+"""From this many files on, validation runs in worker processes (one per core, at most 8)."""
+MAX_VALIDATION_WORKERS = 8
+VALIDATION_PART_FILES = 16
 OBS_CACHE_FILE_CELLS = 20_000
 """Files larger than this are decoded again when written (their obs is a small part of their cost)."""
 """An ingest that wrote at least this many fragments into one array optimizes what it wrote."""
@@ -406,7 +411,7 @@ class _CellWriter:
         self.chunk_nnz = chunk_nnz
         self.fragments = 0
         self._parts: list[tuple[sp.csr_matrix, ObsMeta]] = []
-        self._extra: dict[str, list[pa.Table]] = {}
+        self._extra: dict[str, list[tuple[np.ndarray, pd.DataFrame]]] = {}
         self._first = self._next = -1
         self._nnz = 0
 
@@ -420,7 +425,7 @@ class _CellWriter:
         self._nnz += m.nnz
         if extra is not None:
             name, frame = extra
-            self._extra.setdefault(name, []).append(extra_obs_table(frame, first))
+            self._extra.setdefault(name, []).append((np.arange(first, first + len(frame), dtype=np.int64), frame))
         if self._nnz >= self.chunk_nnz:
             self.flush()
 
@@ -433,9 +438,9 @@ class _CellWriter:
         data = np.concatenate([m.data for m in mats])
         obs = {c: np.concatenate([o[c] for _, o in self._parts]) for c in OBS_COLUMNS}
         self.store.write_cells(self._first, indptr, indices, data, obs_table(obs, self._first))
-        for name, tables in self._extra.items():
-            # One chunk: tiledbsoma submits each chunk of a table as its own TileDB write.
-            self.store.write_extra_obs(name, pa.concat_tables(tables).combine_chunks())
+        for name, parts in self._extra.items():  # one Arrow conversion per flush, not per file
+            frame = pd.concat([f for _, f in parts], ignore_index=True) if len(parts) > 1 else parts[0][1]
+            self.store.write_extra_obs(name, extra_obs_table(frame, np.concatenate([j for j, _ in parts])))
         self.fragments += 1
         self._parts, self._extra, self._nnz = [], {}, 0
 
@@ -546,36 +551,101 @@ def _batches(checks: list[SourceCheck], chunk_nnz: int) -> Iterator[list[SourceC
 
 
 # ----------------------------------------------------------------------------- the whole ingest
+def _check_one(path: Path, opts: IngestOptions, progress: Progress | None = None) -> SourceCheck | str:
+    """check_h5ad, with a refusal returned as its message (what a worker process hands back)."""
+    try:
+        why = validate_dataset_id(opts.dataset_id or path.stem)
+        if why:
+            raise _fail(path, why)
+        c = check_h5ad(path, opts, progress)
+        if c.n_cells > OBS_CACHE_FILE_CELLS:
+            c.obs_tables = None
+        return c
+    except HicellerError as e:
+        return str(e)
+
+
+_SENT_LISTS: set[str] = set()
+"""Gene lists a validation worker already handed back (each list crosses the pipe once)."""
+
+
+def _check_part(part: list[tuple[int, Path, IngestOptions]]) -> list[tuple[int, SourceCheck | str, dict[str, tuple[list[str], list[str]]]]]:
+    """Validate a part of the sources in a worker process; new gene lists go back with them, so
+    the write pass finds them without reading the files' var again."""
+    out = []
+    for i, path, opts in part:
+        c = _check_one(path, opts)
+        lists = {}
+        if isinstance(c, SourceCheck) and c.genes_key not in _SENT_LISTS:
+            hit = _GENE_LISTS.get(c.genes_key)
+            if hit is not None:
+                lists[c.genes_key] = hit
+                _SENT_LISTS.add(c.genes_key)
+        out.append((i, c, lists))
+    return out
+
+
+def _validation_workers(n_files: int) -> int:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(cpus, MAX_VALIDATION_WORKERS) if n_files >= PARALLEL_VALIDATION_FILES else 1
+
+
+def _check_in_parallel(sources: list[tuple[Path, IngestOptions]], workers: int, advance: Progress | None) -> list[SourceCheck | str]:
+    """Validate many small files in worker processes: reading a file's obs and gene names costs
+    ~10 ms of Python per file, the bulk of an ingest of thousands of small files."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    items = [(i, p, o) for i, (p, o) in enumerate(sources)]
+    parts = [items[a : a + VALIDATION_PART_FILES] for a in range(0, len(items), VALIDATION_PART_FILES)]
+    # fork: the workers start without importing anything again; they only read h5ad files (no TileDB).
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    results: list[SourceCheck | str] = [""] * len(sources)
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        for fut in as_completed([pool.submit(_check_part, part) for part in parts]):
+            done = fut.result()
+            for i, c, lists in done:
+                results[i] = c
+                for key, value in lists.items():
+                    _GENE_LISTS.put(key, value)
+            if advance:
+                advance(len(done))
+    return results
+
+
 def _check_all(
     sources: list[tuple[Path, IngestOptions]], labels: list[str], progress_factory: ProgressFactory | None, manifest: Path | None
 ) -> list[tuple[SourceCheck, str]]:
     """Validate every source: (check, label) each, or every problem at once, each prefixed by its
     label (a manifest's ``"row 7: "``)."""
-    checks, errors = [], []
     many = len(sources) > 1
     bar = progress_factory(f"check {len(sources)} files", len(sources)) if progress_factory and many else None
+    workers = _validation_workers(len(sources))
+    if workers > 1:
+        results = _check_in_parallel(sources, workers, bar)
+    else:
+        results = []
+        for path, opts in sources:
+            cell_bar = progress_factory(f"check {path.name}", _peek_cells(path)) if progress_factory and not many else None
+            results.append(_check_one(path, opts, cell_bar))
+            if bar:
+                bar(1)
+    checks, errors = [], []
     ids: set[str] = set()
     kept = 0
-    for (path, opts), label in zip(sources, labels):
-        dataset_id = opts.dataset_id or path.stem
-        why = validate_dataset_id(dataset_id)
-        try:
-            if why:
-                raise _fail(path, why)
-            cell_bar = progress_factory(f"check {path.name}", _peek_cells(path)) if progress_factory and not many else None
-            c = check_h5ad(path, opts, cell_bar)
-            if c.n_cells > OBS_CACHE_FILE_CELLS or kept + c.n_cells > OBS_CACHE_CELLS:
-                c.obs_tables = None
-            else:
-                kept += c.n_cells
-            if c.dataset_id in ids:
-                raise _fail(path, f"dataset id {c.dataset_id!r} given twice; pass --dataset-id")
-            ids.add(c.dataset_id)
-            checks.append((c, label))
-        except HicellerError as e:
-            errors.append(f"{label}{e}")
-        if bar:
-            bar(1)
+    for (path, _opts), label, c in zip(sources, labels, results):
+        if isinstance(c, str):
+            errors.append(f"{label}{c}")
+            continue
+        if c.dataset_id in ids:
+            errors.append(f"{label}{_fail(path, f'dataset id {c.dataset_id!r} given twice; pass --dataset-id')}")
+            continue
+        ids.add(c.dataset_id)
+        if c.obs_tables is not None and kept + c.n_cells > OBS_CACHE_CELLS:
+            c.obs_tables = None
+        elif c.obs_tables is not None:
+            kept += c.n_cells
+        checks.append((c, label))
     _raise_all(errors, manifest)
     return checks
 

@@ -203,7 +203,8 @@ def test_vocabulary_written_but_x_not_grown_is_repaired(tmp_path: Path) -> None:
     uri = tmp_path / "store"
     CorpusStore.create(uri).extend_vocabulary(["A", "B"])
     with soma.Experiment.open(str(uri), "w") as exp:
-        exp.ms["RNA"].var.change_domain([(0, 2)])
+        if exp.ms["RNA"].var.domain[0][1] < 2:  # the vocabulary's domain grows with headroom
+            exp.ms["RNA"].var.change_domain([(0, 2)])
     with soma.Experiment.open(str(uri), "w") as exp:
         exp.ms["RNA"].var.write(pa.table({"soma_joinid": np.array([2]), "gene": pa.array(["C"], pa.large_string())}))
     store = CorpusStore.open(uri)
