@@ -3,6 +3,7 @@ columns, and every bad row named in one error line with nothing written."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -135,3 +136,39 @@ def test_cli_dataset_id_must_name_a_member(tmp_path: Path) -> None:
     make_h5ad(tmp_path / "a.h5ad", 3, gene_names(3))
     r = run_hiceller("ingest", "--no-progress", "--store", tmp_path / "s", "--dataset-id", "x/y", tmp_path / "a.h5ad")
     assert r.returncode == 2 and "may not contain '/'" in r.stderr and not (tmp_path / "s").exists()
+
+
+def test_many_files_validated_in_parallel_name_every_bad_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """From PARALLEL_VALIDATION_FILES files on, worker processes validate: the same refusals, the
+    same store as one process."""
+    import numpy as np
+
+    import data_store.ingest as ingest
+
+    rows = [["path", "tissue"]]
+    for i in range(40):
+        labels = None if i in (7, 31) else ("T", "B")  # two files without their label column
+        make_h5ad(tmp_path / f"f{i}.h5ad", 6, gene_names(8, start=i % 3), count_value, seed=i, labels=labels, cell_prefix=f"f{i}-", extra_obs={"q": np.arange(6)})
+        rows.append([f"f{i}.h5ad", f"t{i % 4}"])
+    bad = _write(tmp_path / "bad.tsv", rows)
+    assert ingest._validation_workers(40) == min(len(os.sched_getaffinity(0)), ingest.MAX_VALIDATION_WORKERS)
+    with pytest.raises(ingest.InputError) as e:
+        ingest.ingest_sources(str(tmp_path / "s"), *_sources(bad))
+    assert "2 bad rows" in str(e.value) and "row 9: " in str(e.value) and "row 33: " in str(e.value)
+    good = _write(tmp_path / "good.tsv", [r for i, r in enumerate(rows) if i - 1 not in (7, 31)])
+    parallel = ingest.ingest_sources(str(tmp_path / "par"), *_sources(good))
+    monkeypatch.setattr(ingest, "PARALLEL_VALIDATION_FILES", 10**6)
+    serial = ingest.ingest_sources(str(tmp_path / "ser"), *_sources(good))
+    assert [(r.dataset_id, r.start, r.stop, r.new_genes, r.extra_obs) for r in parallel.done] == [(r.dataset_id, r.start, r.stop, r.new_genes, r.extra_obs) for r in serial.done]
+    from _fixtures import store_matrix
+
+    a, b = store_matrix(tmp_path / "par"), store_matrix(tmp_path / "ser")
+    assert a.obs.equals(b.obs) and a.vocab == b.vocab and (a.X != b.X).nnz == 0
+
+
+def _sources(manifest: Path):
+    from data_store.ingest import IngestOptions
+    from data_store.manifest import manifest_sources, read_manifest
+
+    sources, labels = manifest_sources(read_manifest(manifest), IngestOptions())
+    return sources, None, labels, manifest
