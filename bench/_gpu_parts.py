@@ -353,10 +353,10 @@ def part_annotate(sizes: Sizes, args) -> dict:
 
     from _h5ad_cells import as_query, read_h5ad
     from finetune.annotate import Annotator
-    from finetune.bundle import write_bundle
     from finetune.task import ClassifierTask
     from hiceller.config import load_config
     from pretrain.attention import resolve_backend_for
+    from pretrain.layout import ModelSpec, TrainedModel, write_bundle
     from pretrain.model import CellerModel
 
     path = max(data_files(args.data), key=lambda p: read_h5ad(p).n_cells)
@@ -369,8 +369,8 @@ def part_annotate(sizes: Sizes, args) -> dict:
     task = ClassifierTask(CellerModel(cfg.model, n_genes=len(vocab), n_bins=cfg.data.n_bins), len(classes), "ce",
                           np.ones(len(classes)))
     bundle = Path(tempfile.mkdtemp(prefix="gpu-check-bundle-")) / "bundle"
-    write_bundle(bundle, task.state_dict(), cfg.model, cfg.data.n_bins, sizes.max_genes, vocab, classes,
-                 [1] * len(classes), metrics={"note": "random weights, speed only"})
+    spec = ModelSpec(cfg.model, cfg.data.n_bins, sizes.max_genes, vocab, labels=classes, label_counts=[1] * len(classes))
+    write_bundle(bundle, TrainedModel(spec, task.state_dict(), bundle, {"note": "random weights, speed only"}))
     dev = _device()
     packed = Annotator.load(bundle, device=dev)
     padded = _padded_annotator(packed)

@@ -86,7 +86,7 @@ def celler_probabilities(bundle: Path, te: Path, cache: Path) -> dict:
 
     ann = Annotator.load(bundle)
     proba, _ = ann.predict_proba(ad.read_h5ad(te), min_overlap=0.0)
-    out = {"proba": proba, "labels": np.array(ann.labels), "train_counts": np.array(ann.bundle.label_counts)}
+    out = {"proba": proba, "labels": np.array(ann.labels), "train_counts": np.array(ann.spec.label_counts)}
     cache.parent.mkdir(parents=True, exist_ok=True)
     np.savez(cache, **out)
     return out

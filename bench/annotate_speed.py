@@ -6,7 +6,7 @@ What it does (everything under ``--out``, default ``bench/out/annotate``; nothin
    (80 tissues, chunk 0 of each, written block by block into a CSR .h5ad), plus the first
    ``--rss-small`` cells of it as a second file, and a labelled CellTypist training set (chunk 1
    of each tissue, cells of the bundle's classes only).
-2. Writes randomly initialised ``debug`` (and ``base``) bundles with ``finetune.bundle.write_bundle``:
+2. Writes randomly initialised ``debug`` (and ``base``) bundles with ``pretrain.layout.write_bundle``:
    vocabulary = the synthetic gene names, classes = the ``--classes`` most frequent cell types.
    Speed does not depend on training, so the weights are untrained (seeded init).
 3. Packed vs padded, side by side (interleaved repetitions, medians): the same cells, read from the
@@ -158,19 +158,18 @@ def build_bundle(path: Path, preset: str, vocab: list[str], classes: list[str], 
         return path
     import torch
 
-    from finetune.bundle import write_bundle
     from finetune.task import ClassifierTask
     from hiceller.config import load_config
+    from pretrain.layout import ModelSpec, TrainedModel, write_bundle
     from pretrain.model import CellerModel
 
     cfg = load_config(preset)
     torch.manual_seed(0)
     model = CellerModel(cfg.model, n_genes=len(vocab), n_bins=cfg.data.n_bins)
     task = ClassifierTask(model, len(classes), "ce", np.ones(len(classes)))
-    write_bundle(
-        path, task.state_dict(), cfg.model, cfg.data.n_bins, max_genes or cfg.data.max_genes, vocab, classes, counts,
-        metrics={"note": "randomly initialised, for speed benchmarks only"}, overwrite=True,
-    )
+    spec = ModelSpec(cfg.model, cfg.data.n_bins, max_genes or cfg.data.max_genes, vocab, labels=classes, label_counts=counts)
+    write_bundle(path, TrainedModel(spec, task.state_dict(), path, {"note": "randomly initialised, for speed benchmarks only"}),
+                 overwrite=True)
     return path
 
 
@@ -213,7 +212,7 @@ def batch_lengths(ann, adata, batch_size: int) -> list[np.ndarray]:
     def record(tok, budget):
         b = pack(tok)
         got.append(b.seqlens.numpy().copy())
-        return np.zeros((b.n_cells, len(ann.labels))), np.zeros((b.n_cells, ann.bundle.model_cfg.d_model))
+        return np.zeros((b.n_cells, len(ann.labels))), np.zeros((b.n_cells, ann.spec.model_cfg.d_model))
 
     ann._predict = record
     try:
@@ -323,7 +322,7 @@ def run_preds(ann, adata, batch_size: int) -> tuple[float, np.ndarray, np.ndarra
     tokens and the forward FLOPs of both layouts."""
     from data_store.batching import pack
 
-    cfg = ann.bundle.model_cfg
+    cfg = ann.spec.model_cfg
     counts = {"real": 0, "padded": 0, "flops_packed": 0.0, "flops_padded": 0.0}
     orig = ann._predict
 

@@ -134,7 +134,7 @@ def _cmd_slurm(args: argparse.Namespace) -> int:
 
 
 def _cmd_ds_config(args: argparse.Namespace) -> int:
-    from cluster.ds_config import deepspeed_config, dumps_deepspeed_config
+    from pretrain.ds_config import deepspeed_config, dumps_deepspeed_config
     from hiceller.config import load_config
 
     if args.world_size < 1:

@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from cluster.ds_config import deepspeed_config, dumps_deepspeed_config, write_text_atomic
+from pretrain.ds_config import deepspeed_config, dumps_deepspeed_config, write_text_atomic
 from cluster.hostfile import check_gpus_per_node, format_hostfile, read_hostfile, resolve_resources
 from hiceller.config import RunConfig
 from hiceller.errors import ConfigError, HicellerError, InputError

@@ -17,7 +17,7 @@ import re
 import shlex
 from dataclasses import dataclass
 
-from cluster.ds_config import deepspeed_config
+from pretrain.ds_config import deepspeed_config
 from cluster.launch import launch_env
 from hiceller.config import RunConfig
 from hiceller.errors import InputError

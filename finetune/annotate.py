@@ -9,7 +9,6 @@ does not grow with the number of cells.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -19,74 +18,40 @@ import scipy.sparse as sp
 import torch
 
 from data_store.batching import iter_token_budget_batches, pack
+from data_store.gene_map import GeneMapping, map_genes
 from data_store.tokenize import Tokenizer
-from finetune.bundle import Bundle, load_bundle
 from finetune.priors import DEFAULT_ADAPT_PRIORS, PriorShift, estimate_priors, reweight
 from finetune.task import ClassifierTask
 from hiceller.errors import InputError
+from pretrain.layout import TrainedModel, load_bundle
 from pretrain.model import CellerModel
 
-__all__ = ["Annotator", "GeneMapping", "map_genes", "UNASSIGNED"]
+__all__ = ["Annotator", "UNASSIGNED"]
 
 UNASSIGNED = "Unassigned"
 DEFAULT_MIN_OVERLAP = 0.25
 
 
-@dataclass
-class GeneMapping:
-    """Query column -> model vocabulary id (-1: unknown to the model)."""
-
-    ids: np.ndarray
-    n_query: int
-    n_matched: int
-    n_vocab: int
-
-    @property
-    def overlap(self) -> float:
-        """Share of the query's genes that the model knows: near 0 means other identifiers (Ensembl ids
-        for a symbol vocabulary, another species), the case ``--min-overlap`` refuses. A query with
-        few genes (an HVG subset, a targeted panel) is fine as long as the model knows them."""
-        return self.n_matched / max(self.n_query, 1)
-
-    @property
-    def vocab_coverage(self) -> float:
-        """Share of the model's vocabulary present in the query (reported, not checked: a
-        vocabulary pooled over a whole corpus is much larger than any one query)."""
-        return self.n_matched / max(self.n_vocab, 1)
-
-    def describe(self) -> str:
-        return (f"{self.n_matched} of the query's {self.n_query} genes ({self.overlap:.1%}) are in the model's vocabulary "
-                f"of {self.n_vocab} ({self.vocab_coverage:.1%} of it)")
-
-
-def map_genes(names: pd.Index | list[str], vocab: list[str], upper: bool = True) -> GeneMapping:
-    index = {g: i for i, g in enumerate(vocab)}
-    keys = [str(n).upper() if upper else str(n) for n in names]
-    ids = np.array([index.get(k, -1) for k in keys], dtype=np.int64)
-    return GeneMapping(ids=ids, n_query=len(keys), n_matched=int(len(set(ids[ids >= 0].tolist()))), n_vocab=len(vocab))
-
-
 class Annotator:
     """A loaded annotator: the encoder, the classifier and the tokenizer settings of a bundle."""
 
-    def __init__(self, bundle: Bundle, device: str | torch.device = "cpu"):
-        self.bundle = bundle
+    def __init__(self, trained: TrainedModel, device: str | torch.device = "cpu"):
+        self.trained = trained
+        self.spec = spec = trained.spec
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise InputError("--device cuda asked for, but torch sees no CUDA device")
-        model = CellerModel(bundle.model_cfg, n_genes=len(bundle.vocab), n_bins=bundle.n_bins)
-        task = ClassifierTask(model, len(bundle.labels), "ce", np.ones(len(bundle.labels)), head=bundle.head)
-        missing, unexpected = task.load_state_dict(bundle.state_dict, strict=False)
-        # GInf's buffer is not part of a bundle; anything else missing or extra is a broken bundle.
-        missing = [k for k in missing if not k.startswith("ginf.")]
+        model = CellerModel(spec.model_cfg, n_genes=len(spec.vocab), n_bins=spec.n_bins)
+        task = ClassifierTask(model, len(spec.labels), "ce", np.ones(len(spec.labels)), head=spec.head)
+        missing, unexpected = task.load_state_dict(trained.state_dict, strict=False)
         if missing or unexpected:
-            raise InputError(f"bundle {bundle.path}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+            raise InputError(f"bundle {trained.source}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
         self.task = task.to(self.device).eval()
-        self.tokenizer = Tokenizer(n_bins=bundle.n_bins, max_genes=bundle.max_genes, seed=0)
-        # Vocabulary ids the classifier reads: all, or the genes it was fine-tuned on (n_hvg).
+        self.tokenizer = Tokenizer(n_bins=spec.n_bins, max_genes=spec.max_genes, seed=0)
+        # Vocabulary ids the classifier reads: all, or the genes it was fine-tuned on (n_hvg, --query-genes).
         self._reads = None
-        if bundle.input_genes is not None:
-            self._reads = np.isin(np.array(bundle.vocab, dtype=object), np.array(bundle.input_genes, dtype=object))
+        if spec.input_genes is not None:
+            self._reads = np.isin(np.array(spec.vocab, dtype=object), np.array(spec.input_genes, dtype=object))
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "Annotator":
@@ -94,14 +59,14 @@ class Annotator:
 
     @property
     def labels(self) -> list[str]:
-        return self.bundle.labels
+        return self.spec.labels
 
     def gene_mapping(self, adata, gene_column: str | None = None) -> GeneMapping:
         if gene_column:
             if gene_column not in adata.var.columns:
                 raise InputError(f"query var has no column {gene_column!r}")
-            return map_genes(pd.Index(adata.var[gene_column].astype(str)), self.bundle.vocab, upper=False)
-        return map_genes(adata.var_names, self.bundle.vocab, upper=True)
+            return map_genes(adata.var[gene_column].astype(str), self.spec.vocab, upper=False)
+        return map_genes(adata.var_names, self.spec.vocab, upper=True)
 
     def iter_predictions(
         self,
@@ -165,7 +130,7 @@ class Annotator:
 
     def adapt_priors(self, proba: np.ndarray) -> tuple[np.ndarray, PriorShift]:
         """The query's class priors by EM (finetune/priors.py) and the posteriors under them."""
-        counts = np.asarray(self.bundle.label_counts or [1] * len(self.labels), dtype=np.float64)
+        counts = np.asarray(self.spec.label_counts or [1] * len(self.labels), dtype=np.float64)
         shift = estimate_priors(proba, counts)
         return reweight(proba, shift.reference, shift.priors).astype(np.float32), shift
 
@@ -204,7 +169,7 @@ class Annotator:
         out.obs["celler_confidence"] = conf
         out.obsm["X_celler"] = emb
         out.uns["celler"] = {
-            "bundle": str(self.bundle.path),
+            "bundle": str(self.trained.source),
             "min_confidence": float(min_confidence),
             "gene_overlap": float(self.last_mapping.overlap),
             "vocab_coverage": float(self.last_mapping.vocab_coverage),

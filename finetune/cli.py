@@ -1,4 +1,6 @@
-"""`hiceller finetune`, `hiceller evaluate`."""
+"""`hiceller finetune`, `evaluate`, `export`, `annotate`: their arguments and handlers. A handler
+imports the heavy modules (torch, DeepSpeed, TileDB-SOMA, MLflow) only when it runs, so `hiceller
+--help` and other commands stay quick."""
 
 from __future__ import annotations
 
@@ -6,12 +8,36 @@ import argparse
 import json
 from pathlib import Path
 
-__all__ = ["register"]
+import numpy as np
+
+from finetune.priors import DEFAULT_ADAPT_PRIORS
+from hiceller.errors import InputError
+from hiceller.progress import progress_factory
+
+__all__ = ["register", "add_finetune_args"]
+
+
+def add_finetune_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="debug", help="preset or TOML (its [train], [deepspeed], [finetune] sections are used)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--store", help="corpus store with the tissue's labelled cells")
+    src.add_argument("--h5ad", type=Path, help="fine-tune on one labelled .h5ad instead of a store")
+    p.add_argument("--pretrained", type=Path, required=True, help="pretraining run folder, checkpoint folder or bundle")
+    p.add_argument("--tissue", default=None, help="tissue to fine-tune on (store obs 'tissue'); all cells when omitted")
+    p.add_argument("--out", type=Path, required=True, help="fine-tuning run folder")
+    p.add_argument("--label-column", default="cell_type", help="label column (store: cell_type; --h5ad: any obs column)")
+    p.add_argument("--batch-column", default="batch", help="--h5ad: obs column naming donors (default: batch)")
+    p.add_argument("--holdout-donors", nargs="*", default=None, help="donors kept out of training, evaluated as test")
+    p.add_argument("--query-genes", type=Path, default=None,
+                   help="train on the genes this query measures only: an .h5ad (its var_names) or a text file, one gene per line")
+    p.add_argument("--min-gene-overlap", type=float, default=0.25, help="least share of the store's genes the pretrained vocabulary must know")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from finetune.run import add_finetune_args
-
     p = sub.add_parser(
         "finetune",
         help="fine-tune a pretrained Celler on a tissue (GInf or CE), then hard-mining rounds",
@@ -68,8 +94,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_adapt_priors(p: argparse.ArgumentParser) -> None:
-    from finetune.priors import DEFAULT_ADAPT_PRIORS
-
     p.add_argument("--adapt-priors", action=argparse.BooleanOptionalAction, default=DEFAULT_ADAPT_PRIORS,
                    help="re-estimate the query's class mix by EM and re-weight the probabilities (label shift)")
 
@@ -80,23 +104,16 @@ def _finetune(args: argparse.Namespace) -> int:
     return run_finetune(args)
 
 
-def resolve_model(path: Path) -> Path:
-    if (path / "model" / "checksums.sha256").is_file():
-        return path / "model"
-    return path
-
-
 def _evaluate(args: argparse.Namespace) -> int:
     import anndata as ad
-    import numpy as np
 
     from finetune.annotate import Annotator
     from finetune.metrics import labelled_report, write_eval_artifacts
-    from hiceller.errors import InputError
+    from pretrain.layout import bundle_of
 
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
-    ann = Annotator.load(resolve_model(args.model))
+    ann = Annotator.load(bundle_of(args.model))
     if not args.input.is_file():
         raise InputError(f"{args.input}: file does not exist")
     try:
@@ -117,7 +134,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     known = y >= 0
     if not known.any():
         raise InputError(f"{args.input}: none of its labels is a class of the model ({', '.join(ann.labels[:8])}...)")
-    report = labelled_report(y, proba, ann.labels, ann.bundle.label_counts or [1] * len(ann.labels))
+    report = labelled_report(y, proba, ann.labels, ann.spec.label_counts or [1] * len(ann.labels))
     report["gene_overlap"] = ann.last_mapping.overlap
     report["vocab_coverage"] = ann.last_mapping.vocab_coverage
     out = args.out or args.input.with_suffix("").parent / f"{args.input.stem}_celler_eval"
@@ -147,7 +164,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _resolve_bundle(model: str, tracking_uri: str | None) -> Path:
-    from hiceller.errors import InputError
+    from pretrain.layout import CHECKSUMS, bundle_of
 
     if model.startswith("models:/"):
         import mlflow
@@ -158,19 +175,17 @@ def _resolve_bundle(model: str, tracking_uri: str | None) -> Path:
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model))
         except Exception as e:
             raise InputError(f"--model {model}: not found in the MLflow registry ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
-        found = list(local.rglob("checksums.sha256"))
+        found = list(local.rglob(CHECKSUMS))
         if not found:
             raise InputError(f"--model {model}: the registered model holds no HiCeller bundle")
         return found[0].parent
-    return resolve_model(Path(model))
+    return bundle_of(Path(model))
 
 
 def _annotate(args: argparse.Namespace) -> int:
     import anndata as ad
 
     from finetune.annotate import Annotator
-    from hiceller.errors import InputError
-    from hiceller.progress import progress_factory
 
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")

@@ -3,76 +3,45 @@
 Accepts a fine-tuning run folder (its best round, from summary.json), one round's folder (its
 newest complete checkpoint) or a checkpoint folder. The checkpoint is consolidated to fp32 with
 DeepSpeed's zero-to-fp32, checked against its labels and vocabulary, and written as a bundle
-(finetune/bundle.py: temporary folder + rename, so a killed export leaves nothing behind).
+(pretrain/layout.py: temporary folder + rename, so a killed export leaves nothing behind).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import warnings
 from pathlib import Path
-from typing import Any
 
-from finetune.bundle import write_bundle
-from finetune.weights import load_checkpoint_weights
 from hiceller.errors import InputError
+from pretrain import layout
 
-__all__ = ["resolve_export_source", "export_bundle", "log_pyfunc"]
-
-
-def resolve_export_source(path: Path) -> tuple[Path, dict[str, Any]]:
-    """(checkpoint-bearing folder, metrics) for a fine-tuning run, a round folder or a checkpoint."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"--checkpoint {path} does not exist")
-    summary = path / "summary.json"
-    if summary.is_file():
-        s = json.loads(summary.read_text())
-        rnd = int(s.get("round", 0))
-        return path / ("phase1" if rnd == 0 else f"round{rnd}"), s
-    parent_summary = path.parent / "summary.json"
-    metrics = json.loads(parent_summary.read_text()) if parent_summary.is_file() else {}
-    if (path / "val_metrics.json").is_file():
-        metrics = {"val": json.loads((path / "val_metrics.json").read_text())}
-    return path, metrics
+__all__ = ["export_bundle", "log_pyfunc"]
 
 
 def export_bundle(checkpoint: Path, out: Path, overwrite: bool = False) -> Path:
-    src, metrics = resolve_export_source(checkpoint)
-    w = load_checkpoint_weights(src)
-    if w.labels is None:
-        raise InputError(f"{w.source} is a pretraining checkpoint (no labels.json): fine-tune it first (`hiceller finetune`)")
-    if "head.weight" not in w.state_dict or w.state_dict["head.weight"].shape[0] != len(w.labels):
-        raise InputError(f"{w.source}: classifier does not match its {len(w.labels)} labels")
-    state = {k: v for k, v in w.state_dict.items() if not k.startswith("ginf.")}
-    return write_bundle(
-        out,
-        state,
-        w.model_cfg,
-        w.n_bins,
-        w.max_genes,
-        w.vocab,
-        w.labels,
-        w.label_counts or [0] * len(w.labels),
-        metrics={**metrics, "checkpoint": str(w.source)},
-        overwrite=overwrite,
-        input_genes=w.input_genes,
-        extra_config={"head": w.head},
-    )
+    if not Path(checkpoint).exists():
+        raise InputError(f"--checkpoint {checkpoint} does not exist")
+    src, metrics = layout.best_round_dir(checkpoint)
+    model = layout.load_trained(src)
+    spec = model.spec
+    if not spec.is_classifier:
+        raise InputError(f"{model.source} is a pretraining checkpoint (no labels.json): fine-tune it first (`hiceller finetune`)")
+    if "head.weight" not in model.state_dict or model.state_dict["head.weight"].shape[0] != len(spec.labels):
+        raise InputError(f"{model.source}: classifier does not match its {len(spec.labels)} labels")
+    model.metrics = {**metrics, "checkpoint": str(model.source)}
+    return layout.write_bundle(out, model, overwrite=overwrite)
 
 
 def log_pyfunc(bundle: Path, tracking_uri: str | None, register: str | None) -> str:
     """Log the bundle as an MLflow pyfunc model (registered under ``register`` when given)."""
-    import logging
-    import warnings
-
     import mlflow
 
     from finetune.pyfunc import CellerPyfunc, signature
 
     logging.getLogger("mlflow").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module="mlflow")
-    import os
-
     os.environ.setdefault("MLFLOW_ENABLE_PROGRESS_BAR", "false")
 
     if tracking_uri:

@@ -92,8 +92,9 @@ class GInfLoss(nn.Module):
         self.sigma = float(sigma)
         self.generator = generator
         self.reduction = reduction
-        # A buffer, not a parameter: it moves with .to(device) and is saved, but is never trained.
-        self.register_buffer("delta", inflation_offsets(class_counts))
+        # A buffer, not a parameter: it moves with .to(device) but is never trained, and it is not
+        # saved (persistent=False): it is a function of the class counts, which the bundle keeps.
+        self.register_buffer("delta", inflation_offsets(class_counts), persistent=False)
 
     @property
     def n_classes(self) -> int:

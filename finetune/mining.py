@@ -81,13 +81,13 @@ class HardMiningRule:
             )
 
     @classmethod
-    def from_config(cls, cfg: FinetuneConfig, margin_threshold: float = 0.2, min_per_class: int = 5) -> HardMiningRule:
-        """The rule for a run: cap and replay from ``[finetune]``, the floor clamped to the cap."""
+    def from_config(cls, cfg: FinetuneConfig) -> HardMiningRule:
+        """The rule for a run, every knob from ``[finetune]``; the floor clamped to the cap."""
         return cls(
             cap_per_class=cfg.hard_cap_per_class,
             replay_fraction=cfg.replay_fraction,
-            margin_threshold=margin_threshold,
-            min_per_class=min(min_per_class, cfg.hard_cap_per_class),
+            margin_threshold=cfg.margin_threshold,
+            min_per_class=min(cfg.min_per_class, cfg.hard_cap_per_class),
         )
 
 

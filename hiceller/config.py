@@ -233,6 +233,10 @@ class FinetuneConfig:
     """At most this many hard cells of one class enter a round."""
     replay_fraction: float = 0.5
     """Replay sample size as a fraction of the hard-set size."""
+    margin_threshold: float = 0.2
+    """A correctly called cell whose probability lead over the runner-up is below this is hard."""
+    min_per_class: int = 5
+    """A class with any hard cell brings at least this many of its hardest cells (at most the cap)."""
     val_fraction: float = 0.1
     """Validation share of the training cells when no donors are held out."""
     rare_class_threshold: float = 0.01
@@ -256,6 +260,8 @@ class FinetuneConfig:
         _check(self.mining_patience >= 1, "finetune.mining_patience", f"must be >= 1, got {self.mining_patience}")
         _check(self.hard_cap_per_class >= 1, "finetune.hard_cap_per_class", f"must be >= 1, got {self.hard_cap_per_class}")
         _check(self.replay_fraction >= 0, "finetune.replay_fraction", f"must be >= 0, got {self.replay_fraction}")
+        _check(0.0 <= self.margin_threshold <= 1.0, "finetune.margin_threshold", f"must be in [0, 1], got {self.margin_threshold}")
+        _check(self.min_per_class >= 0, "finetune.min_per_class", f"must be >= 0, got {self.min_per_class}")
         _check(self.n_hvg >= 0, "finetune.n_hvg", f"must be >= 0 (0 = all genes), got {self.n_hvg}")
         _check(self.head in ("transformer", "linear", "joint"), "finetune.head", f"must be transformer, linear or joint, got {self.head!r}")
         _check(0.0 < self.val_fraction < 1.0, "finetune.val_fraction", f"must be in (0, 1), got {self.val_fraction}")

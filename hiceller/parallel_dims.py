@@ -1,7 +1,7 @@
 """Batch arithmetic across ranks: micro batch x gradient accumulation x world size = global batch.
 
 This is the one place where these numbers are combined. The trainer, the DeepSpeed JSON
-(``cluster/ds_config.py``) and the epoch bookkeeping all ask a ``BatchDims`` instead of
+(``pretrain/ds_config.py``) and the epoch bookkeeping all ask a ``BatchDims`` instead of
 multiplying on their own, so they cannot disagree about what a step is.
 
 Torch-free: ``cluster/`` uses it on machines without a model.

@@ -2,6 +2,8 @@
 
 import sys
 
-from pretrain.run import main
+from hiceller.cli import module_main
+from pretrain.cli import add_pretrain_args
+from pretrain.run import run_pretrain
 
-sys.exit(main())
+sys.exit(module_main("pretrain", "Pretrain Celler (one process per rank).", add_pretrain_args, run_pretrain))

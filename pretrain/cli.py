@@ -1,15 +1,32 @@
-"""`hiceller pretrain` and `hiceller ui`."""
+"""`hiceller pretrain` and `hiceller ui`: their arguments; the handlers import the heavy modules
+(torch, DeepSpeed, TileDB-SOMA) only when they run, so `hiceller --help` and other commands stay quick."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+from pathlib import Path
 
-__all__ = ["register"]
+from hiceller.errors import InputError
+from pretrain.tracking import default_tracking_uri
+
+__all__ = ["register", "add_pretrain_args"]
+
+
+def add_pretrain_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="debug", help="preset name (debug, base) or TOML file (default: debug)")
+    p.add_argument("--store", required=True, help="corpus store directory or s3:// URI")
+    p.add_argument("--out", required=True, type=Path, help="run folder (checkpoints, metrics, MLflow)")
+    p.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint) or a checkpoint folder")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite file in the run folder)")
+    p.add_argument("--stop-after-steps", type=int, default=None, help="stop (with a checkpoint) after N steps of this invocation")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # added by the deepspeed launcher
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from pretrain.run import add_pretrain_args
-
     p = sub.add_parser(
         "pretrain",
         help="pretrain Celler with the masked-expression objective on DeepSpeed",
@@ -33,13 +50,6 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 
 def _ui(args: argparse.Namespace) -> int:
-    import os
-    import sys
-    from pathlib import Path
-
-    from hiceller.errors import InputError
-    from pretrain.tracking import default_tracking_uri
-
     if args.tracking_uri:
         uri = args.tracking_uri
     elif args.run:

@@ -8,7 +8,7 @@ Pretraining and fine-tuning both run through :func:`train`; what differs is the 
         engine.backward(loss);  engine.step()        # DeepSpeed steps at the boundary
     loss, metrics averaged over micro batches and all-reduced over ranks -> metrics.jsonl, MLflow
 
-Checkpoints (pretrain/checkpoint.py) hold the engine state and every shard's loader position, so
+Checkpoints (pretrain/layout.py) hold the engine state and every shard's loader position, so
 ``--resume auto`` continues with exactly the batches and masks the uninterrupted run would have used.
 
 On CUDA the loop also takes the GPU path: micro batches are copied one ahead from pinned memory on a
@@ -28,19 +28,24 @@ import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import psutil
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from hiceller.config import RunConfig
 from hiceller.errors import HicellerError
 from hiceller.parallel_dims import BatchDims
-from pretrain import checkpoint as ckpt
+from pretrain import layout
+from pretrain.attention import resolve_backend_for
 from pretrain.distributed import DistInfo
+from pretrain.ds_config import deepspeed_config
 from pretrain.feed import MicroBatchFeed
+from pretrain.layout import ModelSpec
 from pretrain.optim import OptimizerChoice, make_optimizer
+from pretrain.parallelize import apply_compile
 from pretrain.task import micro_seed
 from pretrain.tracking import Tracker
 
@@ -78,8 +83,6 @@ def _compute_dtype(cfg: RunConfig) -> torch.dtype:
 def _attention_backend(cfg: RunConfig, device: torch.device) -> str:
     """The attention backend this run's model.attention resolves to; an explicit backend that cannot
     run here fails now, in one line, instead of inside the first forward pass."""
-    from pretrain.attention import resolve_backend_for
-
     head_dim = cfg.model.d_model // cfg.model.n_heads
     try:
         return resolve_backend_for(cfg.model.attention, device, _compute_dtype(cfg), head_dim)
@@ -88,8 +91,6 @@ def _attention_backend(cfg: RunConfig, device: torch.device) -> str:
 
 
 def _apply_compile(task: nn.Module) -> None:
-    from pretrain.parallelize import apply_compile
-
     model = getattr(task, "model", None)
     if model is None or not hasattr(model, "blocks"):
         raise HicellerError(f"train.compile: {type(task).__name__} has no .model with encoder blocks to compile")
@@ -142,6 +143,90 @@ def _memory_mb(device: torch.device) -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
+def _build_engine(cfg: RunConfig, task: nn.Module, dist: DistInfo, tracker: Tracker, log_prefix: str):
+    """The DeepSpeed engine around ``task`` with the loop's AdamW and warm-up + cosine schedule."""
+    import deepspeed
+
+    device_kind = "cuda" if dist.device.type == "cuda" else "cpu"
+    ds_cfg = deepspeed_config(cfg, dist.world_size, device_kind)
+    attention = _attention_backend(cfg, dist.device)
+    if cfg.train.compile:
+        _apply_compile(task)
+    opt = make_optimizer(task, cfg, dist.device)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt.optimizer, lambda s: warmup_cosine(s, cfg.train.steps, cfg.train.warmup_steps, cfg.train.min_lr_ratio)
+    )
+    engine, _, _, _ = deepspeed.initialize(model=task, optimizer=opt.optimizer, lr_scheduler=sched, config=ds_cfg)
+    return engine, sched, _report_setup(cfg, attention, opt, dist, tracker, log_prefix)
+
+
+def _start_step(engine, run_dir: Path, resume: str | None, streams: list["CellStream"], dist: DistInfo, log_prefix: str) -> int:
+    """The step to start from (resumed or 0); metrics.jsonl trimmed to match it."""
+    step = 0
+    cp = _resume_point(run_dir, resume, dist) if resume else None
+    if cp is not None:
+        step = _load(engine, cp, streams, dist)
+        if dist.is_main:
+            print(f"{log_prefix}resumed from {cp} at step {step}", flush=True)
+    metrics_path = run_dir / layout.METRICS
+    if dist.is_main and metrics_path.exists():
+        if step == 0:
+            metrics_path.unlink()
+        else:
+            _trim_metrics(metrics_path, step)
+    return step
+
+
+def _micro_batches(engine, feed: MicroBatchFeed, grad_accum: int, step: int, saves_after: bool) -> tuple[dict[str, float], int, int]:
+    """One optimizer step: forward/backward of every micro batch; (metric sums, cells, tokens)."""
+    sums: dict[str, float] = {}
+    cells = tokens = 0
+    for micro in range(grad_accum):
+        last = micro + 1 == grad_accum
+        # no prefetch past a checkpoint: the saved loader state must not count a batch not yet used
+        batch, args = feed.get(step, micro, prefetch=not (last and saves_after))
+        loss, metrics = engine(*args)
+        engine.backward(loss)
+        engine.step()
+        for name, v in metrics.items():
+            sums[name] = sums.get(name, 0.0) + v
+        cells += batch.n_cells
+        tokens += batch.n_tokens
+    return sums, cells, tokens
+
+
+def _record(engine, sched, dist: DistInfo, step: int, grad_accum: int, sums: dict, cells: int, tokens: int, dt: float) -> dict:
+    """The step's metrics row: losses averaged over micro batches and ranks, throughput, memory."""
+    names = sorted(sums)
+    means = _all_reduce_mean([sums[n] / grad_accum for n in names], dist)
+    cells_all, tokens_all = _all_reduce_sum([cells, tokens], dist)
+    record: dict[str, Any] = dict(zip(names, means))
+    grad_norm = engine.get_global_grad_norm()
+    record.update({
+        "step": step,
+        "lr": sched.get_last_lr()[0],
+        "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+        "cells_per_s": cells_all / dt,
+        "tokens_per_s": tokens_all / dt,
+        "memory_mb": _memory_mb(dist.device),
+    })
+    if not math.isfinite(record["loss"]):
+        raise HicellerError(f"loss is {record['loss']} at step {step}: lower train.lr or check the data")
+    return record
+
+
+def _log(record: dict, cfg: RunConfig, run_dir: Path, tracker: Tracker, bar) -> None:
+    """Rank 0: the row into metrics.jsonl, every log_every steps into MLflow, the progress bar."""
+    step = record["step"]
+    with (run_dir / layout.METRICS).open("a") as f:
+        f.write(json.dumps(record) + "\n")
+    if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+        tracker.log_metrics({k: v for k, v in record.items() if k != "step"}, step)
+    if bar:
+        bar.update(1)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
+
+
 def train(
     cfg: RunConfig,
     task: nn.Module,
@@ -150,113 +235,45 @@ def train(
     dist: DistInfo,
     tracker: Tracker,
     *,
+    spec: ModelSpec,
     resume: str | None = None,
     stop_after_steps: int | None = None,
-    extra_checkpoint_files: Callable[[Path], None] | None = None,
     progress: bool = True,
     log_prefix: str = "",
 ) -> LoopResult:
-    """Run ``cfg.train.steps`` optimizer steps of ``task`` on ``streams`` (this rank's data shards)."""
-    import deepspeed
-
-    from cluster.ds_config import deepspeed_config
-
+    """Run ``cfg.train.steps`` optimizer steps of ``task`` on ``streams`` (this rank's data shards);
+    every checkpoint carries ``spec``, what the weights mean (pretrain/layout.py)."""
     dims = BatchDims.from_train(cfg.train, dist.world_size)
-    device_kind = "cuda" if dist.device.type == "cuda" else "cpu"
-    ds_cfg = deepspeed_config(cfg, dist.world_size, device_kind)
-    attention = _attention_backend(cfg, dist.device)
-    if cfg.train.compile:
-        _apply_compile(task)
-    opt = make_optimizer(task, cfg, dist.device)
-    optimizer = opt.optimizer
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: warmup_cosine(s, cfg.train.steps, cfg.train.warmup_steps, cfg.train.min_lr_ratio)
-    )
-    engine, _, _, _ = deepspeed.initialize(model=task, optimizer=optimizer, lr_scheduler=sched, config=ds_cfg)
-    setup = _report_setup(cfg, attention, opt, dist, tracker, log_prefix)
+    engine, sched, setup = _build_engine(cfg, task, dist, tracker, log_prefix)
     run_dir = Path(run_dir)
-    metrics_path = run_dir / "metrics.jsonl"
-
-    step = 0
-    if resume:
-        cp = _resume_point(run_dir, resume, dist)
-        if cp is not None:
-            step = _load(engine, cp, streams, dist)
-            if dist.is_main:
-                print(f"{log_prefix}resumed from {cp} at step {step}", flush=True)
-    if dist.is_main and metrics_path.exists():
-        if step == 0:
-            metrics_path.unlink()
-        else:
-            _trim_metrics(metrics_path, step)
-
+    step = _start_step(engine, run_dir, resume, streams, dist, log_prefix)
     feed = MicroBatchFeed(task, streams, cfg, dist.device, lookahead=dist.device.type == "cuda")
     result = LoopResult(step=step, setup=setup)
     bar = None
     if dist.is_main and progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=cfg.train.steps, initial=step, desc=f"{log_prefix}train", unit="step", mininterval=1.0)
-    steps_this_run = 0
-    t_last = time.perf_counter()
+    steps_this_run, t_last = 0, time.perf_counter()
     while step < cfg.train.steps:
         torch.manual_seed(micro_seed(cfg.train.seed, step, 0, 10_000 + dist.rank))  # dropout, reproducibly
-        sums: dict[str, float] = {}
-        cells = tokens = 0
         saves_after = _saves_after(step + 1, steps_this_run + 1, cfg, stop_after_steps)
-        for micro in range(dims.grad_accum):
-            last = micro + 1 == dims.grad_accum
-            batch, args = feed.get(step, micro, prefetch=not (last and saves_after))
-            loss, metrics = engine(*args)
-            engine.backward(loss)
-            engine.step()
-            for name, v in metrics.items():
-                sums[name] = sums.get(name, 0.0) + v
-            cells += batch.n_cells
-            tokens += batch.n_tokens
-        step += 1
-        steps_this_run += 1
+        sums, cells, tokens = _micro_batches(engine, feed, dims.grad_accum, step, saves_after)
+        step, steps_this_run = step + 1, steps_this_run + 1
         now = time.perf_counter()
-        dt, t_last = now - t_last, now
-        names = sorted(sums)
-        means = _all_reduce_mean([sums[n] / dims.grad_accum for n in names], dist)
-        cells_all, tokens_all = _all_reduce_sum([cells, tokens], dist)
-        record = dict(zip(names, means))
-        grad_norm = engine.get_global_grad_norm()
-        record.update(
-            {
-                "step": step,
-                "lr": sched.get_last_lr()[0],
-                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                "cells_per_s": cells_all / dt,
-                "tokens_per_s": tokens_all / dt,
-                "memory_mb": _memory_mb(dist.device),
-            }
-        )
+        record = _record(engine, sched, dist, step, dims.grad_accum, sums, cells, tokens, now - t_last)
+        t_last = now
         result.losses.append(record["loss"])
-        if not math.isfinite(record["loss"]):
-            raise HicellerError(f"loss is {record['loss']} at step {step}: lower train.lr or check the data")
         if dist.is_main:
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                tracker.log_metrics({k: v for k, v in record.items() if k != "step"}, step)
-            if bar:
-                bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
-        done = step == cfg.train.steps
-        stop = stop_after_steps is not None and steps_this_run >= stop_after_steps
+            _log(record, cfg, run_dir, tracker, bar)
         if saves_after:
-            result.last_checkpoint = save(engine, run_dir, step, streams, cfg, dist, extra_checkpoint_files)
+            result.last_checkpoint = save(engine, run_dir, step, streams, cfg, dist, spec)
             if dist.is_main:
                 tracker.set_tags({"last_checkpoint": result.last_checkpoint})
-        if stop and not done:
+        if stop_after_steps is not None and steps_this_run >= stop_after_steps and step < cfg.train.steps:
             result.stopped_early = True
             break
     if bar:
         bar.close()
-    result.step = step
-    result.engine = engine
+    result.step, result.engine = step, engine
     feed.close()
     return result
 
@@ -278,10 +295,10 @@ def full_state_dict(engine) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
 
 
-def save(engine, run_dir: Path, step: int, streams: list["CellStream"], cfg: RunConfig, dist: DistInfo, extra=None) -> Path:
+def save(engine, run_dir: Path, step: int, streams: list["CellStream"], cfg: RunConfig, dist: DistInfo, spec: ModelSpec) -> Path:
     """A collective checkpoint; COMPLETE is written by rank 0 only after every rank has saved."""
-    root = ckpt.checkpoint_root(run_dir)
-    tag = ckpt.tag_for(step)
+    root = layout.checkpoint_root(run_dir)
+    tag = layout.tag_for(step)
     cp = root / tag
     try:
         engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
@@ -292,11 +309,9 @@ def save(engine, run_dir: Path, step: int, streams: list["CellStream"], cfg: Run
         raise HicellerError(_save_error(run_dir, cp, e)) from None
     ok = torch.tensor([1])
     try:
-        ckpt.write_json_atomic(cp / f"loader_rank{dist.rank}.json", [s.state_dict() for s in streams])
+        layout.write_json_atomic(cp / f"loader_rank{dist.rank}.json", [s.state_dict() for s in streams])
         if dist.is_main:
-            (cp / "config.toml").write_text(cfg.to_toml())
-            if extra:
-                extra(cp)
+            layout.write_spec(cp, cfg, spec)
     except OSError as e:
         ok = torch.tensor([0])
         err = e
@@ -311,10 +326,10 @@ def save(engine, run_dir: Path, step: int, streams: list["CellStream"], cfg: Run
         torch.distributed.barrier()
     if dist.is_main:
         try:
-            ckpt.mark_complete(cp, {"step": step, "world_size": dist.world_size, "shards": len(streams), "time": time.time()})
+            layout.mark_complete(cp, {"step": step, "world_size": dist.world_size, "shards": len(streams), "time": time.time()})
         except OSError as e:
             raise HicellerError(_save_error(run_dir, cp, e)) from None
-        ckpt.prune(run_dir, cfg.train.keep_last)
+        layout.prune(run_dir, cfg.train.keep_last)
     if dist.world_size > 1:
         torch.distributed.barrier()
     return cp
@@ -322,8 +337,8 @@ def save(engine, run_dir: Path, step: int, streams: list["CellStream"], cfg: Run
 
 def _resume_point(run_dir: Path, resume: str, dist: DistInfo) -> Path | None:
     if resume == "auto":
-        return ckpt.latest_complete(run_dir)
-    return ckpt.resolve_checkpoint(Path(resume))
+        return layout.latest_complete(run_dir)
+    return layout.resolve_checkpoint(Path(resume))
 
 
 def _trim_metrics(path: Path, step: int) -> None:
@@ -355,7 +370,7 @@ def _save_error(run_dir: Path, cp: Path, e: BaseException) -> str:
     reason = e.strerror if isinstance(e, OSError) and e.strerror else _first_line(e)
     try:
         free = shutil.disk_usage(cp.parent).free / 2**20
-        last = ckpt.latest_complete(run_dir)
+        last = layout.latest_complete(run_dir)
         need = _dir_mb(last) if last is not None else 0.0
     except OSError:
         free = need = None
@@ -367,7 +382,7 @@ def _save_error(run_dir: Path, cp: Path, e: BaseException) -> str:
 
 
 def _earlier_hint(cp: Path) -> str:
-    earlier = [p for p in ckpt.list_checkpoints(cp.parent.parent) if p.name < cp.name]
+    earlier = [p for p in layout.list_checkpoints(cp.parent.parent) if p.name < cp.name]
     return f"; resume from an earlier one with --resume {earlier[-1]}" if earlier else ""
 
 

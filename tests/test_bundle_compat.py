@@ -25,8 +25,8 @@ def fixed_query() -> ad.AnnData:
 
 def test_bundle_v1_loads_and_annotates_as_it_did():
     ann = Annotator.load(ASSETS / "bundle_v1")
-    assert ann.bundle.head == "transformer" and ann.labels == ["alpha", "beta", "rare"]
-    assert ann.bundle.input_genes == [f"GENE{i}" for i in range(12)]
+    assert ann.spec.head == "transformer" and ann.labels == ["alpha", "beta", "rare"]
+    assert ann.spec.input_genes == [f"GENE{i}" for i in range(12)]
     proba, emb = ann.predict_proba(fixed_query())
     expected = json.loads((ASSETS / "bundle_v1_expected.json").read_text())
     np.testing.assert_allclose(proba, np.array(expected["proba"]), atol=1e-6)

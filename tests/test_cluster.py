@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.ds_config import deepspeed_config, dumps_deepspeed_config, write_deepspeed_config
+from pretrain.ds_config import deepspeed_config, dumps_deepspeed_config, write_deepspeed_config
 from cluster.hostfile import parse_hostfile, parse_resource_spec, read_hostfile, resolve_resources
 from cluster.launch import (
     LaunchRequest,
@@ -177,7 +177,7 @@ def test_deepspeed_engine_steps_with_our_json(tmp_path):
     script = r"""
 import os, json, sys, torch, deepspeed
 from hiceller.config import load_config
-from cluster.ds_config import deepspeed_config
+from pretrain.ds_config import deepspeed_config
 losses = {}
 for stage, extra in [(0, []), (1, []), (2, ["deepspeed.offload_optimizer=true"]), (3, []),
                      (3, ["deepspeed.offload_optimizer=true", "deepspeed.offload_params=true"])]:
@@ -493,7 +493,7 @@ def test_user_error_through_console_script_has_no_traceback(tmp_path, store):
 
 
 def test_cluster_modules_do_not_import_torch():
-    code = ("import sys, cluster.cli, cluster.launch, cluster.slurm, cluster.ds_config, cluster.hostfile, "
+    code = ("import sys, cluster.cli, cluster.launch, cluster.slurm, pretrain.ds_config, cluster.hostfile, "
             "cluster.doctor, hiceller.parallel_dims; cluster.cli.build_parser(); "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'deepspeed', 'mlflow')))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

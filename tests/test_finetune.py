@@ -21,8 +21,8 @@ from _ds import cleanup_shm, free_port, hc
 from _ds import ds_env as _env
 from data_store.synth import SynthSpec, SyntheticCorpus
 from finetune.annotate import UNASSIGNED, Annotator
-from finetune.bundle import load_bundle, verify_bundle
 from hiceller.errors import InputError
+from pretrain.layout import load_bundle, verify_bundle, write_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -94,7 +94,7 @@ def test_export_equals_run_bundle_and_is_verified(world, tmp_path):
     out = tmp_path / "bundle"
     hc("export", "--checkpoint", str(world["ft"]), "--out", str(out), "--no-mlflow")
     a, b = load_bundle(out), load_bundle(world["ft"] / "model")
-    assert a.labels == b.labels and a.vocab == b.vocab
+    assert a.spec.labels == b.spec.labels and a.spec.vocab == b.spec.vocab
     for k in b.state_dict:
         np.testing.assert_allclose(a.state_dict[k].numpy(), b.state_dict[k].numpy(), rtol=0, atol=1e-6)
     # refusing to overwrite; a pretraining checkpoint is not an annotator
@@ -166,11 +166,9 @@ def test_tampered_or_broken_bundles_refused(world, tmp_path):
         load_bundle(m)
     g = tmp_path / "genes"  # consistent checksums, but input genes the vocabulary lacks
     b = load_bundle(src)
-    from finetune.bundle import write_bundle
-
-    write_bundle(g, b.state_dict, b.model_cfg, b.n_bins, b.max_genes, b.vocab, b.labels, b.label_counts, {})
+    write_bundle(g, b)
     config = json.loads((g / "config.json").read_text())
-    config["tokenizer"]["input_genes"] = [b.vocab[0], "NOT_A_GENE"]
+    config["tokenizer"]["input_genes"] = [b.spec.vocab[0], "NOT_A_GENE"]
     (g / "config.json").write_text(json.dumps(config))
     sums = (g / "checksums.sha256").read_text().splitlines()
     import hashlib
@@ -244,19 +242,18 @@ def test_export_zero1_and_zero3_identical(world, tmp_path):
         hc("export", "--checkpoint", str(ft / "phase1"), "--out", str(tmp_path / f"b{stage}"), "--no-mlflow")
         bundles.append(load_bundle(tmp_path / f"b{stage}"))
     a, b = bundles
-    assert a.labels == b.labels
+    assert a.spec.labels == b.spec.labels
     for k in a.state_dict:
         np.testing.assert_allclose(a.state_dict[k].numpy(), b.state_dict[k].numpy(), rtol=1e-4, atol=1e-5)
 
 
 def test_finetune_config_follows_pretrained_weights():
     """Architecture and bins come from the weights; max_genes may be raised; conflicts are refused."""
-    from finetune.run import _follow_pretrained
-    from finetune.weights import TrainedWeights
+    from finetune.run import follow_pretrained as _follow_pretrained
     from hiceller.config import load_config
-    from hiceller.errors import InputError
+    from pretrain.layout import ModelSpec
 
-    pre = TrainedWeights({}, load_config("debug").model, n_bins=31, max_genes=256, vocab=["A"], source=Path("p"))
+    pre = ModelSpec(load_config("debug").model, n_bins=31, max_genes=256, vocab=["A"])
     cfg = _follow_pretrained(load_config("base"), pre, [])
     assert cfg.model == pre.model_cfg and (cfg.data.n_bins, cfg.data.max_genes) == (31, 256)
     cfg = _follow_pretrained(load_config("debug", ["data.max_genes=1024"]), pre, ["data.max_genes=1024"])
@@ -271,7 +268,7 @@ def test_finetune_config_follows_pretrained_weights():
 
 def test_gene_overlap_is_the_share_of_the_query_the_model_knows():
     """An HVG subset of a big vocabulary passes; other identifiers fail; both shares are reported."""
-    from finetune.annotate import map_genes
+    from data_store.gene_map import map_genes
 
     vocab = [f"GENE{i}" for i in range(1000)]
     panel = map_genes([f"gene{i}" for i in range(0, 200, 2)], vocab)  # 100 known genes, any case
@@ -296,21 +293,21 @@ def test_finetune_on_variable_genes(world, tmp_path):
         "--set", "finetune.epochs=1", "--set", "finetune.mining_rounds=0", "--set", "finetune.n_hvg=100", "--no-progress",
     )
     bundle = load_bundle(ft / "model")
-    assert len(bundle.input_genes) == 100 and set(bundle.input_genes) <= set(bundle.vocab)
+    assert len(bundle.spec.input_genes) == 100 and set(bundle.spec.input_genes) <= set(bundle.spec.vocab)
     split = pd.read_parquet(ft / "split.parquet")
     store = CorpusStore.open(world["store"])
     vocab = list(store.vocabulary())
-    known = set(bundle.vocab)
+    known = set(bundle.spec.vocab)
     hv = highly_variable_genes(store, split.joinid[split.split == "train"].to_numpy(), 100,
                                candidates=np.array([i for i, g in enumerate(vocab) if g in known]))
-    assert sorted(vocab[g] for g in hv) == sorted(bundle.input_genes)
+    assert sorted(vocab[g] for g in hv) == sorted(bundle.spec.input_genes)
     exported = tmp_path / "exported"
     hc("export", "--checkpoint", str(ft), "--out", str(exported), "--no-mlflow")
-    assert load_bundle(exported).input_genes == bundle.input_genes
+    assert load_bundle(exported).spec.input_genes == bundle.spec.input_genes
     q = ad.read_h5ad(query_h5ad(tmp_path / "q.h5ad", world["tissue"], n=40))
     ann = Annotator.load(ft / "model")
     a = ann.annotate(q.copy())
-    unread = ~q.var_names.str.upper().isin([g.upper() for g in bundle.input_genes])
+    unread = ~q.var_names.str.upper().isin([g.upper() for g in bundle.spec.input_genes])
     X = q.X.toarray()
     X[:, unread] = X[:, unread] * 3 + 1  # change every gene the classifier does not read
     b = ann.annotate(ad.AnnData(X=sp.csr_matrix(X), obs=q.obs.copy(), var=q.var.copy()))
@@ -340,7 +337,7 @@ def test_finetune_on_two_ranks(world, tmp_path):
     # Same split and the same genes, whatever the number of ranks.
     pd.testing.assert_frame_equal(pd.read_parquet(one / "split.parquet"), pd.read_parquet(two / "split.parquet"))
     b1, b2 = load_bundle(one / "model"), load_bundle(two / "model")
-    assert b1.input_genes == b2.input_genes and b1.labels == b2.labels
+    assert b1.spec.input_genes == b2.spec.input_genes and b1.spec.labels == b2.spec.labels
     verify_bundle(two / "model")
     # Each rank reads its half of the training cells per epoch (micro batches of 16, the last one wrapped):
     # about half the optimizer steps of one rank, at twice the global batch.
@@ -359,7 +356,7 @@ def test_finetune_on_two_ranks(world, tmp_path):
     assert sorted(r.data.tags.get("mlflow.runName") for r in runs) == sorted(["finetune-" + world["tissue"], "phase1", "round1"])
     q = query_h5ad(tmp_path / "q.h5ad", world["tissue"], n=40)
     out = Annotator.load(two / "model").annotate(ad.read_h5ad(q))
-    assert out.obsm["X_celler"].shape == (40, b2.model_cfg.d_model) and out.obs["celler_label"].notna().all()
+    assert out.obsm["X_celler"].shape == (40, b2.spec.model_cfg.d_model) and out.obs["celler_label"].notna().all()
 
 
 def test_finetune_on_query_genes_with_joint_head(world, tmp_path):
@@ -375,14 +372,14 @@ def test_finetune_on_query_genes_with_joint_head(world, tmp_path):
         "--set", "finetune.epochs=1", "--set", "finetune.mining_rounds=0", "--no-progress",
     )
     bundle = load_bundle(ft / "model")
-    assert bundle.head == "joint" and bundle.state_dict["wide.weight"].shape == (len(bundle.vocab) + 2, len(bundle.labels))
-    assert len(bundle.input_genes) == 30 and set(bundle.input_genes) <= {g.upper() for g in few.var_names}
+    assert bundle.spec.head == "joint" and bundle.state_dict["wide.weight"].shape == (len(bundle.spec.vocab) + 2, len(bundle.spec.labels))
+    assert len(bundle.spec.input_genes) == 30 and set(bundle.spec.input_genes) <= {g.upper() for g in few.var_names}
     exported = tmp_path / "exported"
     hc("export", "--checkpoint", str(ft), "--out", str(exported), "--no-mlflow")
-    assert load_bundle(exported).head == "joint"
+    assert load_bundle(exported).spec.head == "joint"
     out = Annotator.load(exported).annotate(few, adapt_priors=True)
     priors = out.uns["celler"]["priors"]
-    assert set(priors) == set(bundle.labels) and sum(priors.values()) == pytest.approx(1.0)
+    assert set(priors) == set(bundle.spec.labels) and sum(priors.values()) == pytest.approx(1.0)
     cli = tmp_path / "cli.h5ad"
     hc("annotate", "--model", str(exported), "--input", str(tmp_path / "few.h5ad"), "--output", str(cli), "--adapt-priors", "--no-progress")
     assert list(ad.read_h5ad(cli).obs["celler_label"].astype(str)) == list(out.obs["celler_label"].astype(str))

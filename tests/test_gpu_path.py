@@ -75,7 +75,7 @@ def test_optimizer_errors_and_offload() -> None:
 def test_autocast_and_compile_config() -> None:
     from deepspeed.runtime.config import DeepSpeedConfig
 
-    from cluster.ds_config import deepspeed_config
+    from pretrain.ds_config import deepspeed_config
 
     with pytest.raises(ConfigError, match=r"train.autocast: needs deepspeed.precision = \"bf16\", got 'fp32'"):
         load_config("debug", ["train.autocast=true"])

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from finetune.bundle import write_bundle
+from finetune.bundle import write_bundle  # the API of 3194c90; since moved to pretrain.layout
 from finetune.task import ClassifierTask
 from hiceller.config import ModelConfig
 from pretrain.model import CellerModel
