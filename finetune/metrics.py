@@ -20,6 +20,7 @@ Conventions (kept explicit because they change the numbers):
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -163,8 +164,6 @@ def write_eval_artifacts(
     ``y`` and ``pred`` are the known-label cells the report was computed on. Returns the paths
     (the files MLflow logs as artifacts).
     """
-    import json
-
     out.mkdir(parents=True, exist_ok=True)
     png = plot_confusion_matrix(y, pred, class_names, out / f"{prefix}confusion.png")
     csv = out / f"{prefix}per_class_f1.csv"

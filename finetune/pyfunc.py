@@ -9,26 +9,26 @@ from __future__ import annotations
 
 from typing import Any
 
+import anndata as ad
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
+from mlflow.models import ModelSignature
+from mlflow.types import ParamSchema, ParamSpec
+
+from finetune.annotate import Annotator
 
 __all__ = ["CellerPyfunc", "signature", "frame_to_anndata"]
 
 
 def signature():
-    from mlflow.models import ModelSignature
-    from mlflow.types import ParamSchema, ParamSpec
-
     # Inputs are left open (gene columns differ per query); the params are typed.
     params = ParamSchema([ParamSpec("batch_size", "long", 256), ParamSpec("min_confidence", "double", 0.0)])
     return ModelSignature(inputs=None, outputs=None, params=params)
 
 
 def frame_to_anndata(data: Any, genes: list[str] | None = None):
-    import anndata as ad
-    import scipy.sparse as sp
-
     if isinstance(data, pd.DataFrame):
         if hasattr(data, "sparse") and all(isinstance(t, pd.SparseDtype) for t in data.dtypes):
             X = sp.csr_matrix(data.sparse.to_coo())
@@ -46,8 +46,6 @@ def frame_to_anndata(data: Any, genes: list[str] | None = None):
 
 class CellerPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        from finetune.annotate import Annotator
-
         self.annotator = Annotator.load(context.artifacts["bundle"])
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:

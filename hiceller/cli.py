@@ -16,8 +16,7 @@ from hiceller.errors import HicellerError
 
 __all__ = ["main", "build_parser", "run_handler", "module_main"]
 
-# Packages whose cli.register() adds subcommands, in --help order. A package whose cli module
-# does not exist yet is skipped, so the CLI grows with the project.
+# Packages whose cli.register() adds subcommands, in --help order; every one must have it.
 _PACKAGES = ("data_store", "pretrain", "finetune", "cluster")
 
 
@@ -32,13 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for pkg in _PACKAGES:
-        try:
-            mod = importlib.import_module(f"{pkg}.cli")
-        except ModuleNotFoundError as e:
-            if e.name == f"{pkg}.cli":
-                continue
-            raise
-        mod.register(sub)
+        importlib.import_module(f"{pkg}.cli").register(sub)
     return parser
 
 

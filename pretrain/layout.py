@@ -24,7 +24,9 @@ vocab.json / labels.json beside safetensors; :func:`load_trained` reads any of t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -35,9 +37,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
+from data_store.tokenize import N_SPECIAL
 from hiceller.config import ModelConfig, RunConfig, config_from_dict
 from hiceller.errors import HicellerError, InputError
+from pretrain.distributed import select_accelerator
 
 __all__ = [
     "CONFIG", "VOCAB", "LABELS", "METRICS", "SUMMARY", "SPLIT", "BUNDLE_DIR", "CHECKPOINT_DIR", "COMPLETE",
@@ -220,12 +226,7 @@ def read_spec(cp: Path) -> tuple[ModelSpec, RunConfig]:
 def consolidate(cp: Path, zero_stage: int) -> dict[str, torch.Tensor]:
     """fp32 state dict of a complete checkpoint folder, whatever its ZeRO stage (DeepSpeed's own
     zero-to-fp32 for stages 1-3; stage 0 keeps whole module weights in mp_rank_00_model_states.pt)."""
-    from pretrain.distributed import select_accelerator
-
     select_accelerator()
-    import contextlib
-    import io
-
     import deepspeed  # noqa: F401  (sets up the accelerator before zero_to_fp32 imports it)
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -301,8 +302,6 @@ def _bundle_config(model: TrainedModel) -> dict[str, Any]:
 def write_bundle(out: Path, model: TrainedModel, overwrite: bool = False) -> Path:
     """Write a classifier as a bundle, atomically: a temporary sibling folder renamed into place, so
     a killed export leaves no partial bundle."""
-    from safetensors.torch import save_file
-
     out, spec = Path(out), model.spec
     if out.exists() and not overwrite:
         raise InputError(f"bundle {out} already exists (remove it or choose another --out)")
@@ -357,9 +356,6 @@ def verify_bundle(path: Path) -> None:
 
 
 def _read_bundle_files(path: Path) -> tuple[dict, list, dict, dict, dict[str, torch.Tensor]]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     try:
         config, vocab, labels, metrics = (json.loads((path / n).read_text()) for n in ("config.json", VOCAB, LABELS, "metrics.json"))
     except json.JSONDecodeError as e:
@@ -376,8 +372,6 @@ def _read_bundle_files(path: Path) -> tuple[dict, list, dict, dict, dict[str, to
 def _check_bundle_weights(path: Path, spec: ModelSpec, config: dict, state: dict[str, torch.Tensor]) -> None:
     """The vocabulary against the embedding, the labels against the classifier, the head kind against
     its weights: a mismatch is an error before any weight is used, never a partial load."""
-    from data_store.tokenize import N_SPECIAL
-
     emb = state.get("model.gene_encoder.embedding.weight")
     if emb is None:
         raise InputError(f"bundle {path}: model.safetensors has no gene embedding (not a Celler annotator)")
