@@ -193,10 +193,18 @@ def write_corpus(spec: CorpusSpec, out: Path, n_files: int | None = None) -> Pat
 # ----------------------------------------------------------------------------- processes
 def run_watched(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 3600) -> dict[str, Any]:
     """Run ``cmd``; wall time, exit code, output and the peak RSS of its process tree."""
+    import resource
+
     import psutil
 
+    import tempfile
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # Output to files, not pipes: a command printing more than a pipe holds (`info --json` of
+    # thousands of datasets) would block while nobody reads the pipe.
+    out_f, err_f = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out_f, stderr=err_f, text=True)
     ps = psutil.Process(proc.pid)
     peak = 0
     while proc.poll() is None and time.perf_counter() - t0 < timeout:
@@ -210,8 +218,17 @@ def run_watched(cmd: list[str], env: dict[str, str] | None = None, timeout: floa
         time.sleep(POLL_S)
     if proc.poll() is None:
         proc.kill()
-    out, err = proc.communicate()
-    return {"rc": proc.returncode, "wall_s": time.perf_counter() - t0, "peak_rss_mb": peak / MB, "stdout": out, "stderr": err}
+    proc.wait()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out_f.seek(0)
+    err_f.seek(0)
+    out, err = out_f.read(), err_f.read()
+    out_f.close()
+    err_f.close()
+    # CPU seconds of the process and the workers it waited for: less sensitive than wall time to
+    # what else runs on this shared machine.
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {"rc": proc.returncode, "wall_s": time.perf_counter() - t0, "cpu_s": cpu, "peak_rss_mb": peak / MB, "stdout": out, "stderr": err}
 
 
 def _checked(r: dict[str, Any], what: str) -> dict[str, Any]:
@@ -273,11 +290,13 @@ def part_small_files(out: Path, reps: int, n_cells: int, mean_nnz: int) -> dict[
         _write_split(CorpusSpec(n_datasets=1, n_cells=60, mean_nnz=mean_nnz, panel_genes=20_000, study_genes=0, core_genes=20_000), one, 1)
         _mark(one, spec.key())
     runs: dict[str, list[float]] = {k: [] for k in [*sets, "start-up (1 file of 60 cells)"]}
+    cpu: dict[str, list[float]] = {k: [] for k in sets}
     first_last = []
     for rep in range(reps):  # interleaved: a burst of outside load hits both alike
         for name in sets:
             r = ingest(out / "small" / f"store_{name.replace(' ', '_')}", manifests[name], "--no-optimize")
             runs[name].append(r["wall_s"])
+            cpu[name].append(r["cpu_s"])
             if name == "1000 files":
                 first_last.append(_first_last_100(out / "small" / "store_1000_files"))
         r = ingest(out / "small" / "store_one", one / "files.tsv")
@@ -293,6 +312,8 @@ def part_small_files(out: Path, reps: int, n_cells: int, mean_nnz: int) -> dict[
         "seconds_median": {k: round(v, 1) for k, v in med.items()},
         "t1000_over_t20": round(t1000 / t20, 2),
         "t1000_over_t20_runs": [round(a / b, 2) for a, b in zip(runs["1000 files"], runs["20 files"])],
+        "cpu_s_median": {k: round(statistics.median(v), 1) for k, v in cpu.items()},
+        "cpu1000_over_cpu20": round(statistics.median(cpu["1000 files"]) / statistics.median(cpu["20 files"]), 2),
         "per_file_overhead_ms": round((t1000 - t20) / (sets["1000 files"] - 20) * 1000, 1),
         "first_last_100": first_last,
         "last100_over_first100": round(ratio_fl, 2),
@@ -366,28 +387,32 @@ def decile_rates(store: Path) -> dict[str, float]:
 
 
 def build_store(spec: CorpusSpec, out: Path, name: str, n_files: int | None, keep_inputs: bool) -> dict[str, Any]:
-    """Generate the inputs, ingest them (no automatic optimize), measure, optimize, measure."""
-    store = out / f"store_{name}"
+    """Generate the inputs, ingest them (no automatic optimize), measure, optimize, measure. Each
+    step's result is kept, so an interrupted run resumes at the step it was in."""
+    store, inputs = out / f"store_{name}", out / f"inputs_{name}"
     key = spec.key() + f"|{n_files}"
-    result_file = out / f"{name}_build.json"
+    result_file, ingest_file = out / f"{name}_build.json", out / f"{name}_ingest.json"
     if _cached(store, key) and result_file.exists():
         print(f"[{name}] reusing {store}", flush=True)
         return json.loads(result_file.read_text())
-    inputs = out / f"inputs_{name}"
-    shutil.rmtree(inputs, ignore_errors=True)
-    t = time.perf_counter()
-    manifest = write_corpus(spec, inputs, n_files)
-    gen_s = time.perf_counter() - t
-    print(f"[{name}] wrote {len(list(inputs.glob('*.h5ad')))} files in {gen_s:.0f} s; ingesting...", flush=True)
-    r = ingest(store, manifest, "--no-optimize")
+    if not (_cached(store, key) and ingest_file.exists()):
+        gen_s = None
+        if not _cached(inputs, key):
+            shutil.rmtree(inputs, ignore_errors=True)
+            t = time.perf_counter()
+            write_corpus(spec, inputs, n_files)
+            gen_s = round(time.perf_counter() - t, 1)
+            _mark(inputs, key)
+        print(f"[{name}] {len(list(inputs.glob('*.h5ad')))} files (generated in {gen_s} s); ingesting...", flush=True)
+        r = ingest(store, inputs / "files.tsv", "--no-optimize")
+        ingest_file.write_text(json.dumps({k: r[k] for k in ("wall_s", "cpu_s", "peak_rss_mb")} | {"generate_s": gen_s, "input_bytes": du_bytes(inputs)}))
+        _mark(store, key)
     raw_copy = out / f"store_{name}_raw"  # the un-optimized store, for CellStream before optimize
     shutil.rmtree(raw_copy, ignore_errors=True)
-    res = _measure_build(store, r, raw_copy)
-    res["generate_s"] = round(gen_s, 1)
-    res["input_bytes"] = du_bytes(inputs)
+    ing = json.loads(ingest_file.read_text())
+    res = _measure_build(store, ing, raw_copy) | {"generate_s": ing["generate_s"], "input_bytes": ing["input_bytes"]}
     if not keep_inputs:
         shutil.rmtree(inputs, ignore_errors=True)
-    _mark(store, key)
     result_file.write_text(json.dumps(res))
     return res
 
@@ -403,6 +428,7 @@ def _measure_build(store: Path, r: dict[str, Any], raw_copy: Path) -> dict[str, 
         "cells": cells,
         "nnz": nnz,
         "ingest_s": round(r["wall_s"], 1),
+        "ingest_cpu_s": round(r["cpu_s"], 1),
         "ingest_cells_per_s": round(cells / r["wall_s"]),
         "ingest_peak_rss_mb": round(r["peak_rss_mb"]),
         **decile_rates(store),
@@ -668,6 +694,11 @@ def main(argv: list[str] | None = None) -> int:
     t_all = time.perf_counter()
     spec = CorpusSpec(300, 60_000, 150, max_cells=10_000) if args.quick else CorpusSpec(5_000, 2_000_000, 250)
     r: dict[str, Any] = {"spec": asdict(spec), "reps": reps}
+    previous = out / "scale_results.json"
+    if previous.exists():  # a run of some parts keeps the figures of the others
+        old = json.loads(previous.read_text())
+        if old.get("spec") == r["spec"]:
+            r = {**old, **r}
     if "A" in parts:
         r["small"] = part_small_files(out, reps, 12_000 if args.quick else 60_000, 300 if args.quick else 800)
         print(f"[A] {json.dumps(r['small'])}", flush=True)
@@ -689,7 +720,7 @@ def main(argv: list[str] | None = None) -> int:
     if "F" in parts:
         r["pretrain"] = part_pretrain({"5000 datasets": str(out / "store_big"), "200k store": str(loader_store)}, out, 10 if args.quick else 30)
     r["goals"] = goals(r)
-    r["seconds"] = round(time.perf_counter() - t_all)
+    r.setdefault("seconds_by_run", []).append({"parts": sorted(parts), "seconds": round(time.perf_counter() - t_all)})
     table = extrapolate(r)
     print("\n| figure | measured here | at Celler-75 (40M cells) | rests on |\n|---|---|---|---|")
     for row in table:
