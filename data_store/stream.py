@@ -147,31 +147,37 @@ class CellStream(IterableDataset):
             self._selection = CellSelection(ranges=store_obj.complete_ranges())
             if len(self._selection) == 0:
                 raise InputError(f"store {self.store_uri}: no cell matches the selection ({self.filter_desc})")
-            self.fingerprint = _store_fingerprint(store_obj, self._selection)
-            return
-        cols = ["dataset_id", "donor_id"] + ([label_column] if labels else [])
+        else:
+            obs = self._selected_obs(store_obj, obs_filter, [datasets, donors, exclude_donors, joinids], label_column if labels else None)
+            self._selection = CellSelection(joinids=obs["soma_joinid"].to_numpy(dtype=np.int64))
+            if labels:
+                self._set_labels(store_obj, obs, label_column, label_names)
+        self.fingerprint = _store_fingerprint(store_obj, self._selection)
+
+    def _selected_obs(self, store_obj: CorpusStore, obs_filter: str | None, lists: list, label_column: str | None) -> pd.DataFrame:
+        """obs rows (joinid order) of the cells the filter and lists select."""
+        cols = ["dataset_id", "donor_id"] + ([label_column] if label_column else [])
         try:
             obs = store_obj.obs(column_names=cols, value_filter=obs_filter)
         except HicellerError:
             raise
         except Exception as e:  # SOMA's query-condition parser raises several types
             raise InputError(f"obs filter {obs_filter!r} cannot be used: {str(e).splitlines()[0]}") from None
-        obs = _apply_lists(obs, datasets, donors, exclude_donors, joinids)
+        obs = _apply_lists(obs, *lists)
         if obs.empty:
             raise InputError(f"store {self.store_uri}: no cell matches the selection ({self.filter_desc})")
-        obs = obs.sort_values("soma_joinid")
-        self._selection = CellSelection(joinids=obs["soma_joinid"].to_numpy(dtype=np.int64))
-        if labels:
-            labeled = {d.dataset_id for d in store_obj.complete_datasets() if d.labeled}
-            has = obs["dataset_id"].isin(labeled).to_numpy()
-            if not has.any():
-                raise InputError(f"store {self.store_uri}: labels asked for, but no selected dataset is labeled ({self.filter_desc})")
-            names = obs[label_column].astype(str).to_numpy()
-            self.label_names = sorted(set(names[has])) if label_names is None else list(label_names)
-            index = {n: i for i, n in enumerate(self.label_names)}
-            self.labels = np.array([index.get(n, -100) for n in names], dtype=np.int64)
-            self.labels[~has] = -100
-        self.fingerprint = _store_fingerprint(store_obj, self._selection)
+        return obs.sort_values("soma_joinid")
+
+    def _set_labels(self, store_obj: CorpusStore, obs: pd.DataFrame, label_column: str, label_names: list[str] | None) -> None:
+        labeled = {d.dataset_id for d in store_obj.complete_datasets() if d.labeled}
+        has = obs["dataset_id"].isin(labeled).to_numpy()
+        if not has.any():
+            raise InputError(f"store {self.store_uri}: labels asked for, but no selected dataset is labeled ({self.filter_desc})")
+        names = obs[label_column].astype(str).to_numpy()
+        self.label_names = sorted(set(names[has])) if label_names is None else list(label_names)
+        index = {n: i for i, n in enumerate(self.label_names)}
+        self.labels = np.array([index.get(n, -100) for n in names], dtype=np.int64)
+        self.labels[~has] = -100
 
     # ------------------------------------------------------------------ sizes and state
     @property
