@@ -1,4 +1,5 @@
-"""`hiceller ingest`, `hiceller synth`, `hiceller info`, `hiceller store optimize`."""
+"""`hiceller ingest`, `synth`, `info`, `store optimize`, `store export`: their arguments and handlers
+(a handler imports TileDB-SOMA and the rest only when it runs)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,12 @@ def _none_or(value: str) -> str | None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    _add_ingest(sub)
+    _add_store(sub)
+    _add_synth_info(sub)
+
+
+def _add_ingest(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "ingest",
         help="append .h5ad files to a TileDB-SOMA corpus store (one dataset per file)",
@@ -44,7 +51,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_ingest)
 
-    p = sub.add_parser("store", help="store maintenance: `hiceller store optimize`")
+
+def _add_store(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("store", help="store maintenance: `hiceller store optimize`, `hiceller store export`")
     actions = p.add_subparsers(dest="action", metavar="ACTION")
     actions.required = True
     o = actions.add_parser(
@@ -63,7 +72,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     o.add_argument("--json", action="store_true", help="print one JSON object")
     o.set_defaults(func=_optimize)
+    e = actions.add_parser(
+        "export",
+        help="write the store's cells that match an obs filter to an .h5ad",
+        description="The matching cells with their obs columns and counts (or log-expression, as ingested), "
+        "genes named as in the store: e.g. one donor's cells to annotate, or a subset to share.",
+    )
+    e.add_argument("--store", required=True)
+    e.add_argument("--filter", required=True, metavar="EXPR", help='SOMA value filter on obs, e.g. \'tissue == "lung" and donor_id == "d1"\'')
+    e.add_argument("--out", required=True, type=Path, help=".h5ad file to write (must not exist)")
+    e.set_defaults(func=_export_cells)
 
+
+def _add_synth_info(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "synth",
         help="write a Celler-75-like synthetic corpus into a store",
@@ -153,6 +174,29 @@ def _optimize(args: argparse.Namespace) -> int:
     files = "" if report.files_before is None else f", files TileDB lists {report.files_before} -> {report.files_after}"
     orphans = f", {report.orphans_removed} uncommitted fragments removed" if report.orphans_removed else ""
     print(f"optimized {report.store}: {report.arrays} arrays{frag}{files}{orphans} in {report.seconds:.1f} s")
+    return 0
+
+
+def _export_cells(args: argparse.Namespace) -> int:
+    from data_store.store import CorpusStore
+
+    if args.out.exists():
+        raise InputError(f"--out {args.out} already exists")
+    if args.out.suffix != ".h5ad":
+        raise InputError(f"--out {args.out}: name an .h5ad file")
+    store = CorpusStore.open(args.store)
+    try:
+        ids = store.obs(["soma_joinid"], value_filter=args.filter)["soma_joinid"].to_numpy()
+    except Exception as e:  # SOMA's query-condition parser raises several types
+        raise InputError(f"--filter {args.filter!r} cannot be used: {str(e).splitlines()[0]}") from None
+    if ids.size == 0:
+        raise InputError(f"no cell of {args.store} matches {args.filter!r}")
+    adata = store.to_anndata(ids)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_name(f".{args.out.name}.partial")
+    adata.write_h5ad(tmp)
+    tmp.replace(args.out)
+    print(f"wrote {adata.n_obs} cells x {adata.n_vars} genes to {args.out}")
     return 0
 
 

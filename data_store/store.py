@@ -656,10 +656,12 @@ class CorpusStore:
             "incomplete_datasets": sorted(d.dataset_id for d in self._records.values() if d.status != "complete"),
             "cells_per_dataset": {d.dataset_id: d.n_cells for d in done},
             "kind_per_dataset": {d.dataset_id: d.kind for d in done},
+            "tissue_per_dataset": {d.dataset_id: d.tissue for d in done},
             "cells_per_tissue": _sorted_counts(by["tissue"]),
             "cells_per_disease": _sorted_counts(by["disease"]),
             "cells_per_cell_type": _sorted_counts(by["cell_type"]),
             "donors": len(by["donor_id"]),
+            "cells_per_donor": _sorted_counts(by["donor_id"]),
         }
 
 

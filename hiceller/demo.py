@@ -12,10 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import anndata as ad
 
 __all__ = ["main"]
 
@@ -30,26 +33,25 @@ def _run(cmd: list[str], capture: bool = False) -> str:
     return proc.stdout or ""
 
 
-def _pick_tissue(store: Path) -> tuple[str, str]:
-    """The synthetic tissue with the most cells and the donor of it to hold out (its second largest)."""
-    from data_store.store import CorpusStore
-
-    s = CorpusStore.open(str(store))
-    synth = [d for d in s.complete_datasets() if d.dataset_id.startswith("synth-")]
-    best = max(synth, key=lambda d: d.n_cells)
-    donors = sorted(best.counts.get("donor_id", {}).items(), key=lambda kv: -kv[1])
-    return best.tissue, donors[1][0] if len(donors) > 1 else donors[0][0]
+def _pick_tissue(hc: list[str], store: Path) -> str:
+    """The synthetic tissue with the most cells (`hiceller synth` names its datasets synth-*)."""
+    info = json.loads(_run(hc + ["info", "--store", str(store), "--json"], capture=True).strip().splitlines()[-1])
+    synthetic = {d: n for d, n in info["cells_per_dataset"].items() if d.startswith("synth-")}
+    biggest = max(synthetic, key=synthetic.get)
+    return info["tissue_per_dataset"][biggest]
 
 
-def _heldout_h5ad(store: Path, tissue: str, donor: str, path: Path) -> int:
-    from data_store.store import CorpusStore
-
-    s = CorpusStore.open(str(store))
-    obs = s.obs(["donor_id", "tissue"], value_filter=f"tissue == {json.dumps(tissue)}")
-    ids = obs.loc[obs["donor_id"] == donor, "soma_joinid"].to_numpy()
-    a = s.to_anndata(ids)
-    a.write_h5ad(path)
-    return a.n_obs
+def _heldout_h5ad(hc: list[str], store: Path, tissue: str, path: Path) -> tuple[str, int]:
+    """The tissue's second-largest donor (its largest when it has one), its cells written to ``path``."""
+    tissue_file = path.with_name("tissue_cells.h5ad")
+    tissue_file.unlink(missing_ok=True)
+    _run(hc + ["store", "export", "--store", str(store), "--filter", f"tissue == {json.dumps(tissue)}", "--out", str(tissue_file)])
+    cells = ad.read_h5ad(tissue_file)
+    donors = cells.obs["donor_id"].astype(str).value_counts()
+    donor = donors.index[1] if len(donors) > 1 else donors.index[0]
+    cells[cells.obs["donor_id"].astype(str) == donor].copy().write_h5ad(path)
+    tissue_file.unlink()
+    return donor, int(donors[donor])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
 
     _run(hc + ["synth", "--store", str(store), "--cells", str(args.cells), "--seed", "0"])
+    tissue = _pick_tissue(hc, store)
     files = sorted(args.shared.glob("*.h5ad")) if args.shared.is_dir() else []
     if files:
         _run(hc + ["ingest", "--store", str(store), "--skip-existing", *map(str, files)])
@@ -84,11 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         + ["launch", "--config", "debug", "--store", str(store), "--out", str(pre), "--nodes", "1", "--gpus-per-node", "2"]
         + ["--set", f"train.steps={args.steps}", "--set", "deepspeed.zero_stage=2", "--resume", "auto"]
     )
-    tissue, donor = _pick_tissue(store)
+    donor, n = _heldout_h5ad(hc, store, tissue, query)
     for p in (ft, bundle):
         if p.exists():
-            import shutil
-
             shutil.rmtree(p)
     _run(
         hc
@@ -99,8 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         + ["--set", f"data.max_genes={args.finetune_max_genes}", "--set", f"finetune.n_hvg={args.finetune_n_hvg}"]
     )
     _run(hc + ["export", "--checkpoint", str(ft), "--out", str(bundle), "--force"])
-    n = _heldout_h5ad(store, tissue, donor, query)
-    print(f"\nwrote the {n} cells of held-out donor {donor} to {query}")
+    print(f"\nthe {n} cells of held-out donor {donor} are in {query}")
     _run(hc + ["annotate", "--model", str(bundle), "--input", str(query), "--output", str(annotated), "--label-column", "cell_type"])
     report = json.loads(_run(hc + ["evaluate", "--model", str(bundle), "--input", str(annotated), "--json"], capture=True).strip().splitlines()[-1])
     rare = report.get("rare_class_f1")
