@@ -87,7 +87,8 @@ class RoundContext:
         torch.manual_seed(cfg.train.seed)
         model = CellerModel(spec.model_cfg, n_genes=len(spec.vocab), n_bins=spec.n_bins)
         f = cfg.finetune
-        task = ClassifierTask(model, len(self.data.names), f.loss, self.data.counts, f.ginf_mu, f.ginf_sigma, head=f.head)
+        task = ClassifierTask(model, len(self.data.names), f.loss, self.data.counts, f.ginf_mu, f.ginf_sigma, head=f.head,
+                              wide_lr_scale=f.wide_lr_scale)
         if with_head:
             task.load_state_dict(state, strict=True)
         else:

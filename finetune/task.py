@@ -74,6 +74,7 @@ class ClassifierTask(nn.Module):
         mu: float = 0.0,
         sigma: float = 0.1,
         head: str = "transformer",
+        wide_lr_scale: float = 1.0,
     ):
         super().__init__()
         if head not in HEADS:
@@ -84,6 +85,9 @@ class ClassifierTask(nn.Module):
         nn.init.zeros_(self.head.bias)
         self.head_kind = head
         self.wide = WideLinear(model.gene_encoder.embedding.num_embeddings, n_classes, model.n_bins) if head != "transformer" else None
+        if self.wide is not None:
+            for p in self.wide.parameters():
+                p.lr_scale = wide_lr_scale  # read by pretrain/optim.py's param_groups
         if head == "linear":
             # The encoder only provides embeddings at annotation; nothing of it is trained.
             for p in (*self.model.parameters(), *self.head.parameters()):

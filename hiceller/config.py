@@ -249,6 +249,8 @@ class FinetuneConfig:
     head: str = "transformer"
     """Classifier: transformer (a Linear on the <cls> embedding), linear (logistic regression on the
     expression bins of the genes read) or joint (both summed, trained together; finetune/task.py)."""
+    wide_lr_scale: float = 1.0
+    """The linear part of a linear or joint head trains at train.lr times this."""
 
     def __post_init__(self) -> None:
         _check(self.loss in ("ce", "ginf"), "finetune.loss", f"must be ce or ginf, got {self.loss!r}")
@@ -264,6 +266,7 @@ class FinetuneConfig:
         _check(self.min_per_class >= 0, "finetune.min_per_class", f"must be >= 0, got {self.min_per_class}")
         _check(self.n_hvg >= 0, "finetune.n_hvg", f"must be >= 0 (0 = all genes), got {self.n_hvg}")
         _check(self.head in ("transformer", "linear", "joint"), "finetune.head", f"must be transformer, linear or joint, got {self.head!r}")
+        _check(self.wide_lr_scale > 0, "finetune.wide_lr_scale", f"must be > 0, got {self.wide_lr_scale}")
         _check(0.0 < self.val_fraction < 1.0, "finetune.val_fraction", f"must be in (0, 1), got {self.val_fraction}")
         _check(
             0.0 < self.rare_class_threshold < 1.0,

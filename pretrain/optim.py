@@ -39,13 +39,23 @@ class OptimizerChoice:
     """Why a faster implementation was not taken ("" when none was passed over)."""
 
 
-def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay on matrices only: no decay on biases, norms and other rank-1 parameters."""
-    decay, no_decay = [], []
+def param_groups(module: nn.Module, weight_decay: float, lr: float | None = None) -> list[dict]:
+    """Decay on matrices only: no decay on biases, norms and other rank-1 parameters. A parameter
+    with an ``lr_scale`` attribute (set by the module that owns it, e.g. the classifier's linear part)
+    trains at ``lr * lr_scale``; the schedule scales every group alike, so the ratio holds."""
+    groups: dict[tuple[bool, float], list] = {}
     for p in module.parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            groups.setdefault((p.ndim >= 2, float(getattr(p, "lr_scale", 1.0))), []).append(p)
+    out = []
+    for (decays, scale), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1])):
+        group = {"params": params, "weight_decay": weight_decay if decays else 0.0}
+        if scale != 1.0:
+            if lr is None:
+                raise ValueError("a parameter has an lr_scale: param_groups needs the base lr")
+            group["lr"] = lr * scale
+        out.append(group)
+    return out
 
 
 @functools.cache
@@ -83,7 +93,7 @@ def make_optimizer(module: nn.Module, cfg: RunConfig, device: torch.device | str
     Raises:
         ConfigError: ``train.optimizer = "deepspeed_fused"`` where FusedAdam cannot run.
     """
-    groups = param_groups(module, cfg.train.weight_decay)
+    groups = param_groups(module, cfg.train.weight_decay, cfg.train.lr)
     kind = cfg.train.optimizer
     on_gpu = torch.device(device).type == "cuda"
     if cfg.deepspeed.offload_optimizer:

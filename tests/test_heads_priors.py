@@ -148,3 +148,21 @@ def test_em_refuses_bad_shapes():
         estimate_priors(np.ones((0, 3)), [1, 1, 1])
     with pytest.raises(ValueError, match="reference_counts"):
         estimate_priors(np.full((2, 2), 0.5), [0, 0])
+
+
+def test_wide_part_trains_at_its_own_rate():
+    """finetune.wide_lr_scale: the linear part's parameters form their own optimizer groups at lr x scale
+    (decay on the matrix only); every other parameter keeps the base rate."""
+    from pretrain.optim import param_groups
+
+    cfg = ModelConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32, dropout=0.0, attention="sdpa")
+    task = ClassifierTask(CellerModel(cfg, n_genes=30, n_bins=N_BINS), 3, "ce", np.ones(3), head="joint", wide_lr_scale=20.0)
+    groups = param_groups(task, weight_decay=0.01, lr=1e-3)
+    wide = {id(p) for p in task.wide.parameters()}
+    for g in groups:
+        in_wide = {id(p) in wide for p in g["params"]}
+        assert len(in_wide) == 1  # a group is all wide or all not
+        assert g.get("lr", 1e-3) == pytest.approx(2e-2 if in_wide.pop() else 1e-3)
+    assert sum(len(g["params"]) for g in groups) == len(list(task.parameters()))
+    scaled = [g for g in groups if "lr" in g]
+    assert sorted(g["weight_decay"] for g in scaled) == [0.0, 0.01]
