@@ -116,7 +116,7 @@ class ClassifierTask(nn.Module):
             return self._combine(None, gene_ids, values, cu_seqlens)
         return self.logits(gene_ids, values, cu_seqlens, max_seqlen)[0]
 
-    def prepare(self, batch: PackedBatch, seed: int, device: torch.device) -> tuple:
+    def prepare(self, batch: PackedBatch, seed: int, device: torch.device, index: int = 0) -> tuple:
         noise = None
         if self.ginf is not None:
             g = torch.Generator().manual_seed(seed)

@@ -127,7 +127,12 @@ class TrainConfig:
     grad_clip: float = 1.0
     """Global gradient-norm clip; 0 disables it."""
     mask_ratios: tuple[float, ...] = (0.25, 0.5, 0.75)
-    """Masked-expression ratios, one drawn per micro batch."""
+    """Shares of a cell's genes whose value is hidden (masked, or unknown in generative mode), one
+    drawn per micro batch."""
+    objective: str = "masked"
+    """Pretraining attention pattern: masked (every gene sees its whole cell, hidden values
+    included), generative (scGPT: known genes see known genes, each unknown gene the known genes and
+    itself) or both (alternating per micro batch, as scGPT trains). pretrain/objective.py."""
     seed: int = 0
     """Seeds the model init, the data order and the masks."""
     checkpoint_every: int = 1000
@@ -162,6 +167,11 @@ class TrainConfig:
         _check(len(self.mask_ratios) >= 1, "train.mask_ratios", "must not be empty")
         for r in self.mask_ratios:
             _check(0.0 < r < 1.0, "train.mask_ratios", f"each ratio must be in (0, 1), got {r}")
+        _check(
+            self.objective in ("masked", "generative", "both"),
+            "train.objective",
+            f"must be masked, generative or both, got {self.objective!r}",
+        )
         _check(self.checkpoint_every >= 1, "train.checkpoint_every", f"must be >= 1, got {self.checkpoint_every}")
         _check(self.keep_last >= 1, "train.keep_last", f"must be >= 1, got {self.keep_last}")
         _check(self.log_every >= 1, "train.log_every", f"must be >= 1, got {self.log_every}")

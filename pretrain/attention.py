@@ -37,6 +37,7 @@ __all__ = [
     "resolve_backend_for",
     "varlen_attention",
     "padded_attention",
+    "sdpa_with_known",
 ]
 
 BACKENDS = ("auto", "flash", "torch_varlen", "sdpa")
@@ -193,7 +194,8 @@ def _sdpa_per_cell(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, dropout_
     return torch.cat(outs, dim=2).squeeze(0).transpose(0, 1)
 
 
-def _sdpa_by_length(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, lengths: list[int], dropout_p: float) -> Tensor:
+def _sdpa_by_length(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, lengths: list[int], dropout_p: float,
+                    known: Tensor | None = None) -> Tensor:
     """One SDPA call per distinct cell length: cells of equal length are gathered into one
     ``[g, H, L, Dh]`` batch, so the work is still exactly sum L_i^2 (no padding) but with one call
     per length instead of one per cell. Cells cut at ``max_genes`` all share one length, which made
@@ -203,6 +205,9 @@ def _sdpa_by_length(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, lengths
     group is a contiguous slice of that copy. Gathering per group instead cost O(T) per call when
     ``q, k, v`` are the non-contiguous views of the fused qkv projection: 44% of a 256-cell
     inference forward with 188 distinct lengths went into ``index_select``.
+
+    ``known`` (bool ``[T]``, optional): the generative pattern of pretrain/generative.py, as a block
+    mask per group (``[g, 1, L, L]``: key ``j`` allowed when known, or when it is the query itself).
     """
     H, Dh = q.shape[1], q.shape[2]
     dev = q.device
@@ -216,15 +221,25 @@ def _sdpa_by_length(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, lengths
     qs, ks, vs = (x.index_select(0, idx) for x in (q, k, v))
     group_lens, group_cells = torch.unique_consecutive(sorted_lens, return_counts=True)
     sizes = (group_lens * group_cells).tolist()
+    masks = known.index_select(0, idx).split(sizes) if known is not None else [None] * len(sizes)
     outs = []
-    for L, g, qg, kg, vg in zip(group_lens.tolist(), group_cells.tolist(), qs.split(sizes), ks.split(sizes), vs.split(sizes)):
-        o = F.scaled_dot_product_attention(*(t.view(g, L, H, Dh).transpose(1, 2) for t in (qg, kg, vg)), dropout_p=dropout_p)
+    for L, g, qg, kg, vg, kn in zip(group_lens.tolist(), group_cells.tolist(), qs.split(sizes), ks.split(sizes), vs.split(sizes), masks):
+        mask = None if kn is None else kn.view(g, 1, 1, L) | torch.eye(L, dtype=torch.bool, device=dev)
+        o = F.scaled_dot_product_attention(*(t.view(g, L, H, Dh).transpose(1, 2) for t in (qg, kg, vg)), attn_mask=mask,
+                                           dropout_p=dropout_p)
         outs.append(o.transpose(1, 2).reshape(g * L, H, Dh))
     out = torch.cat(outs, 0)
     # Back to packed order: position idx[j] receives row j.
     inverse = torch.empty_like(idx)
     inverse[idx] = torch.arange(idx.numel(), device=dev)
     return out.index_select(0, inverse)
+
+
+def sdpa_with_known(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, known: Tensor, dropout_p: float) -> Tensor:
+    """SDPA under the generative pattern (pretrain/generative.py): one call per group of
+    equal-length cells with that group's block mask."""
+    lengths = cu_seqlens.diff().tolist()
+    return _sdpa_by_length(q, k, v, cu_seqlens, lengths, dropout_p, known=known.to(device=q.device, dtype=torch.bool))
 
 
 def _check_packed(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor) -> None:

@@ -67,9 +67,11 @@ class MicroBatchFeed:
         # Seeded by the shard's own micro index, so a shard draws the same masks whichever
         # rank reads it (1 rank x 2 shards == 2 ranks x 1 shard).
         seed = micro_seed(self.cfg.train.seed, step, micro // shards, self.streams[k].rank)
+        # The shard's own micro-batch count, likewise the same whichever rank reads the shard.
+        index = step * (self.grad_accum // shards) + micro // shards
         if self.copy_stream is None:
-            return batch, self.task.prepare(batch, seed, self.device)
-        host = self.task.prepare(batch, seed, torch.device("cpu"))
+            return batch, self.task.prepare(batch, seed, self.device, index)
+        host = self.task.prepare(batch, seed, torch.device("cpu"), index)
         with torch.cuda.stream(self.copy_stream):
             return batch, tuple(_map_tensors(host, lambda t: t.pin_memory().to(self.device, non_blocking=True)))
 
@@ -112,4 +114,6 @@ class MicroBatchFeed:
 
 
 def _map_tensors(values: tuple, fn: Callable[[torch.Tensor], Any]) -> list:
-    return [fn(v) if torch.is_tensor(v) else v for v in values]
+    """``fn`` on every tensor of the prepared arguments, and inside those that hold tensors
+    (``map_tensors``: the generative split's index arrays)."""
+    return [fn(v) if torch.is_tensor(v) else v.map_tensors(fn) if hasattr(v, "map_tensors") else v for v in values]

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from data_store.tokenize import CLS_ID, MASK_VALUE, N_SPECIAL, PAD_ID
 from hiceller.config import ModelConfig
 from pretrain.attention import padded_attention, varlen_attention
+from pretrain.generative import GenerativeSplit, generative_attention
 
 __all__ = [
     "PAD_ID",
@@ -128,10 +129,14 @@ class EncoderBlock(nn.Module):
     def _attn_dropout(self) -> float:
         return self.dropout_p if self.training else 0.0
 
-    def forward(self, x: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
-        """Packed cells: ``x`` ``[T, d]`` -> ``[T, d]``."""
+    def forward(self, x: Tensor, cu_seqlens: Tensor, max_seqlen: int, split: GenerativeSplit | None = None) -> Tensor:
+        """Packed cells: ``x`` ``[T, d]`` -> ``[T, d]``; with ``split``, scGPT's generative attention
+        pattern (pretrain/generative.py) instead of every token attending to its whole cell."""
         q, k, v = self._qkv(x)
-        a = varlen_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p=self._attn_dropout, backend=self.backend)
+        if split is None:
+            a = varlen_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p=self._attn_dropout, backend=self.backend)
+        else:
+            a = generative_attention(q, k, v, cu_seqlens, split, dropout_p=self._attn_dropout, backend=self.backend)
         x = x + self.dropout(self.out_proj(a.reshape(x.shape)))
         return self._feed_forward(x)
 
@@ -233,11 +238,16 @@ class CellerModel(nn.Module):
     def _embed(self, gene_ids: Tensor, values: Tensor) -> Tensor:
         return self.embed_dropout(self.gene_encoder(gene_ids) + self.value_encoder(values))
 
-    def forward(self, gene_ids: Tensor, values: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> CellerOutput:
-        """Packed cells: ``gene_ids``, ``values`` ``[T]``; ``cu_seqlens`` int32 ``[B + 1]``."""
+    def forward(self, gene_ids: Tensor, values: Tensor, cu_seqlens: Tensor, max_seqlen: int,
+                split: GenerativeSplit | None = None) -> CellerOutput:
+        """Packed cells: ``gene_ids``, ``values`` ``[T]``; ``cu_seqlens`` int32 ``[B + 1]``.
+
+        ``split`` (generative pretraining): which tokens are known; unknown tokens then see only
+        their cell's known tokens and themselves, in every block. ``<cls>`` is always known.
+        """
         x = self._embed(gene_ids, values)
         for block in self.blocks:
-            x = block(x, cu_seqlens, max_seqlen)
+            x = block(x, cu_seqlens, max_seqlen, split)
         hidden = self.final_norm(x)
         return CellerOutput(hidden=hidden, cell_emb=hidden[cu_seqlens[:-1].long()])
 

@@ -1,12 +1,21 @@
-"""Masked-expression generative pretraining objective (scGPT/Celler).
+"""Pretraining objectives of scGPT/Celler: masked-expression and generative.
 
-Per micro batch one mask ratio is drawn (0.25 / 0.5 / 0.75 by default); in every cell that share
-of gene tokens has its value replaced by ``MASK_VALUE``. Two predictions of the hidden bins are
-scored with MSE on the masked tokens only:
+Per micro batch one ratio is drawn (0.25 / 0.5 / 0.75 by default); in every cell that share of gene
+tokens has its value hidden (``MASK_VALUE``: the learned "value unknown" embedding). Two
+predictions of the hidden bins are scored with MSE on the hidden tokens only:
 
-- ``MaskedValueHead`` on each masked token's own hidden state (masked value prediction);
+- ``MaskedValueHead`` on each hidden token's own hidden state;
 - ``ExpressionFromCellHead`` from the cell's ``<cls>`` embedding and the gene's embedding
   (scGPT's GEPC/MVC), which forces the cell embedding to summarise the whole cell.
+
+The two objectives differ only in what a hidden token may look at (``train.objective``):
+
+- masked: every token attends to its whole cell, hidden ones included (scGPT's "perceptual" mode);
+- generative: the hidden genes are scGPT's *unknown* genes. Known genes attend to known genes, each
+  unknown gene to the known genes and itself (pretrain/generative.py), so an unknown gene's value
+  is predicted from its identity and the known part of the cell, never from another unknown gene.
+  scGPT marks unknown tokens with a learned flag embedding; here that is the learned vector a
+  hidden value already gets, so both modes train the same weights.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pretrain.generative import GenerativeSplit
 from pretrain.model import MASK_VALUE, CellerModel, cell_index
 
 __all__ = ["draw_mask", "pretraining_loss", "pick_mask_ratio"]
@@ -66,15 +76,17 @@ def pretraining_loss(
     cu_seqlens: Tensor,
     max_seqlen: int,
     mask: Tensor,
+    split: GenerativeSplit | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
-    """Masked-expression loss of one packed micro batch.
+    """Masked-expression (``split`` None) or generative loss of one packed micro batch.
 
     Args:
         model: the encoder with its heads (a DeepSpeed engine wrapping it works too: its attribute
             lookup reaches the module's heads).
         gene_ids, values: ``[T]`` packed tokens and their true bins.
         cu_seqlens, max_seqlen: cell boundaries (see ``varlen_attention``).
-        mask: bool ``[T]`` from :func:`draw_mask`.
+        mask: bool ``[T]`` from :func:`draw_mask`: the hidden (masked or unknown) tokens.
+        split: for the generative objective, ``GenerativeSplit.from_known(~mask, cu_seqlens)``.
 
     Returns:
         ``loss = mse_value + mse_expr_from_cell``, each the mean squared error (in bins) over the
@@ -84,7 +96,7 @@ def pretraining_loss(
         data-parallel backward never waits for a missing gradient.
     """
     inputs = values.masked_fill(mask, MASK_VALUE)
-    out = model(gene_ids, inputs, cu_seqlens, max_seqlen)
+    out = model(gene_ids, inputs, cu_seqlens, max_seqlen, split)
     # Heads run on the masked tokens only: the others have no target and would only cost compute.
     positions = mask.nonzero().squeeze(-1)
     target = values[positions].float()

@@ -96,7 +96,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
     model = CellerModel(cfg.model, n_genes=len(spec.vocab), n_bins=cfg.data.n_bins)
     if cfg.deepspeed.activation_checkpointing:
         apply_activation_checkpointing(model)
-    task = PretrainTask(model, cfg.train.mask_ratios)
+    task = PretrainTask(model, cfg.train.mask_ratios, cfg.train.objective)
     # Store genes the model does not know (added to the store after its vocabulary) are dropped.
     gene_map = map_genes(store_vocab, spec.vocab, upper=False).ids
     streams = build_streams(cfg, args.store, dist.rank, dist.world_size, gene_map=gene_map)

@@ -2,9 +2,11 @@
 
 A task is an ``nn.Module`` with two methods the loop calls:
 
-* ``prepare(batch, seed) -> tuple``: everything random about a micro batch (here the mask and its
-  ratio), drawn from a generator seeded by (run seed, step, micro batch, shard), so a resumed
-  run draws exactly what the uninterrupted run would have drawn.
+* ``prepare(batch, seed, device, index) -> tuple``: everything random about a micro batch (here
+  the mask and its ratio), drawn from a generator seeded by (run seed, step, micro batch, shard),
+  so a resumed run draws exactly what the uninterrupted run would have drawn. ``index`` counts the
+  micro batches of this data shard (0, 1, 2, ...; a function of the step, so also exact on resume):
+  ``train.objective = "both"`` alternates on it.
 * ``forward(*prepared) -> (loss, metrics)``: called through the DeepSpeed engine.
 """
 
@@ -16,10 +18,13 @@ import torch
 from torch import Tensor, nn
 
 from data_store.batching import PackedBatch
+from pretrain.generative import GenerativeSplit
 from pretrain.model import CellerModel
 from pretrain.objective import draw_mask, pick_mask_ratio, pretraining_loss
 
-__all__ = ["PretrainTask", "micro_seed"]
+__all__ = ["OBJECTIVES", "PretrainTask", "micro_seed"]
+
+OBJECTIVES = ("masked", "generative", "both")
 
 
 def micro_seed(seed: int, step: int, micro: int, shard: int) -> int:
@@ -32,19 +37,38 @@ def micro_seed(seed: int, step: int, micro: int, shard: int) -> int:
 
 
 class PretrainTask(nn.Module):
-    """Masked-expression prediction (MSE on masked bins) + expression from the cell embedding."""
+    """Hidden-expression prediction (MSE on hidden bins) + expression from the cell embedding, under
+    the masked or the generative attention pattern (pretrain/objective.py).
 
-    def __init__(self, model: CellerModel, mask_ratios: Sequence[float]):
+    ``objective``: ``masked``, ``generative``, or ``both``: scGPT trains both modes, here one per
+    micro batch in turn (even shard micro batches masked, odd ones generative), so every rank and
+    every ZeRO stage sees the same sequence and a resumed run continues it exactly.
+    """
+
+    def __init__(self, model: CellerModel, mask_ratios: Sequence[float], objective: str = "masked"):
         super().__init__()
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
         self.model = model
         self.mask_ratios = tuple(mask_ratios)
+        self.objective = objective
 
-    def prepare(self, batch: PackedBatch, seed: int, device: torch.device) -> tuple:
+    def is_generative(self, index: int) -> bool:
+        """Whether micro batch ``index`` of a shard trains the generative mode."""
+        return self.objective == "generative" or (self.objective == "both" and index % 2 == 1)
+
+    def prepare(self, batch: PackedBatch, seed: int, device: torch.device, index: int = 0) -> tuple:
         g = torch.Generator().manual_seed(seed)
         ratio = pick_mask_ratio(self.mask_ratios, g)
         mask = draw_mask(batch.cu_seqlens, batch.n_tokens, ratio, g)
+        # The split's index arrays are built here, on the host, so the forward pass syncs on nothing.
+        split = GenerativeSplit.from_known(~mask, batch.cu_seqlens).to(device) if self.is_generative(index) else None
         b = batch.to(device)
-        return (b.gene_ids, b.values, b.cu_seqlens, b.max_seqlen, mask.to(device))
+        return (b.gene_ids, b.values, b.cu_seqlens, b.max_seqlen, mask.to(device), split)
 
-    def forward(self, gene_ids: Tensor, values: Tensor, cu_seqlens: Tensor, max_seqlen: int, mask: Tensor):
-        return pretraining_loss(self.model, gene_ids, values, cu_seqlens, max_seqlen, mask)
+    def forward(self, gene_ids: Tensor, values: Tensor, cu_seqlens: Tensor, max_seqlen: int, mask: Tensor,
+                split: GenerativeSplit | None = None):
+        loss, metrics = pretraining_loss(self.model, gene_ids, values, cu_seqlens, max_seqlen, mask, split)
+        if self.objective != "masked":
+            metrics["generative"] = float(split is not None)  # averaged per step: the generative share
+        return loss, metrics

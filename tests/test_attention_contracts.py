@@ -30,40 +30,57 @@ class ContractError(AssertionError):
     """A call the real kernel would refuse or compute differently."""
 
 
-def _check_call(q, k, v, cu_q, cu_k, max_q, max_k) -> None:
+def _check_call(q, k, v, cu_q, cu_k, max_q, max_k, scale=None) -> None:
+    """A self-attention call (``scale`` None: same cells for queries and keys), or the generative
+    objective's unknown-query call (``scale`` given: each cell's queries over its own key set)."""
     def need(ok: bool, what: str) -> None:
         if not ok:
             raise ContractError(what)
 
+    cross = scale is not None
     need(q.dtype in (torch.float16, torch.bfloat16), f"q must be fp16 or bf16, got {q.dtype}")
     for name, t in (("q", q), ("k", k), ("v", v)):
         need(t.dim() == 3, f"{name} must be (T, H, D), got {tuple(t.shape)}")
         need(t.dtype == q.dtype and t.device == q.device, f"{name} must match q's dtype and device")
         need(t.is_contiguous(), f"{name} must be contiguous, got strides {t.stride()}")
-    need(q.shape == k.shape == v.shape, "q, k, v must have one shape (no GQA here)")
-    for name, cu in (("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)):
+    if cross:
+        need(k.shape == v.shape and q.shape[1:] == k.shape[1:], "k and v must match, and q's heads and head size")
+        need(type(scale) is float and scale > 0, f"softmax scale must be a positive float, got {scale!r}")
+    else:
+        need(q.shape == k.shape == v.shape, "q, k, v must have one shape (no GQA here)")
+    need(q.shape[-1] % 8 == 0 and q.shape[-1] <= 256, f"head size must be a multiple of 8 up to 256, got {q.shape[-1]}")
+    for name, cu, t in (("cu_seqlens_q", cu_q, q), ("cu_seqlens_k", cu_k, k)):
         need(torch.is_tensor(cu) and cu.dtype == torch.int32, f"{name} must be an int32 tensor, got {cu!r:.60}")
         need(cu.device == q.device, f"{name} must be on {q.device}, got {cu.device}")
         need(cu.dim() == 1 and cu.is_contiguous(), f"{name} must be a contiguous 1-D tensor")
-        need(int(cu[0]) == 0 and int(cu[-1]) == q.shape[0], f"{name} must run from 0 to T={q.shape[0]}")
+        need(int(cu[0]) == 0 and int(cu[-1]) == t.shape[0], f"{name} must run from 0 to T={t.shape[0]}")
         need(bool((cu.diff() >= 1).all()), f"{name} must give every cell at least one token")
-    need(torch.equal(cu_q, cu_k), "self-attention: query and key cells must be the same")
-    longest = int(cu_q.diff().max())
-    for name, m in (("max_seqlen_q", max_q), ("max_seqlen_k", max_k)):
+    if cross:
+        need(cu_q.shape == cu_k.shape, "query and key cells must be as many")
+    else:
+        need(torch.equal(cu_q, cu_k), "self-attention: query and key cells must be the same")
+    for name, m, cu in (("max_seqlen_q", max_q, cu_q), ("max_seqlen_k", max_k, cu_k)):
         need(type(m) is int, f"{name} must be a Python int, got {type(m).__name__}")
-        need(m >= longest, f"{name}={m} is shorter than the longest cell ({longest})")
+        need(m >= int(cu.diff().max()), f"{name}={m} is shorter than the longest cell ({int(cu.diff().max())})")
 
 
-def _reference(q, k, v, cu, dropout_p: float) -> torch.Tensor:
-    """softmax(q k^T / sqrt(D)) v per cell, in float32, with inverted dropout on the probabilities."""
+def _reference(q, k, v, cu, dropout_p: float, cu_k=None, scale=None) -> torch.Tensor:
+    """softmax(q k^T * scale) v per cell (scale 1/sqrt(D) unless given; key cells ``cu_k`` when they
+    differ from the query cells), in float32, with inverted dropout on the probabilities."""
+    cu_k = cu if cu_k is None else cu_k
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
     outs = []
-    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
-        qi, ki, vi = (t[a:b].float() for t in (q, k, v))
-        p = (torch.einsum("qhd,khd->hqk", qi, ki) / math.sqrt(q.shape[-1])).softmax(-1)
+    for a, b, c, d in zip(cu[:-1].tolist(), cu[1:].tolist(), cu_k[:-1].tolist(), cu_k[1:].tolist()):
+        qi, ki, vi = q[a:b].float(), k[c:d].float(), v[c:d].float()
+        p = (torch.einsum("qhd,khd->hqk", qi, ki) * scale).softmax(-1)
         if dropout_p > 0:
             p = torch.nn.functional.dropout(p, dropout_p)
         outs.append(torch.einsum("hqk,khd->qhd", p, vi))
     return torch.cat(outs).to(q.dtype)
+
+
+def _call_info(dropout_p: float, scale) -> dict:
+    return {"dropout_p": dropout_p} if scale is None else {"dropout_p": dropout_p, "keys": "known+self"}
 
 
 class Kernels:
@@ -76,36 +93,36 @@ class Kernels:
                                softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                                deterministic=False, return_attn_probs=False, block_table=None):
         """flash-attn >= 2.6's signature."""
-        _check_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+        _check_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale)
         if causal or tuple(window_size) != (-1, -1):
             raise ContractError("genes are a set: no causal mask, no window")
-        if softmax_scale is not None or softcap or alibi_slopes is not None or return_attn_probs:
-            raise ContractError("only the plain 1/sqrt(D) softmax is expected")
-        self.calls.append(("flash", {"dropout_p": dropout_p}))
-        return _reference(q, k, v, cu_seqlens_q, dropout_p)
+        if softcap or alibi_slopes is not None or return_attn_probs:
+            raise ContractError("only the plain softmax is expected")
+        self.calls.append(("flash", _call_info(dropout_p, softmax_scale)))
+        return _reference(q, k, v, cu_seqlens_q, dropout_p, cu_seqlens_k, softmax_scale)
 
     def varlen_attn(self, query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
                     window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
         """torch 2.13's torch.nn.attention.varlen.varlen_attn (compared with the installed one below)."""
-        _check_call(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k)
+        _check_call(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale)
         if tuple(window_size) != (-1, -1):
             raise ContractError("genes are a set: window_size must stay (-1, -1) (no causal mask)")
-        if return_aux is not None or scale is not None or enable_gqa or seqused_k is not None or block_table is not None:
-            raise ContractError("only the plain 1/sqrt(D) softmax over whole cells is expected")
-        self.calls.append(("varlen_attn", {"dropout_p": 0.0}))
-        return _reference(query, key, value, cu_seq_q, 0.0)
+        if return_aux is not None or enable_gqa or seqused_k is not None or block_table is not None:
+            raise ContractError("only the plain softmax over whole cells is expected")
+        self.calls.append(("varlen_attn", _call_info(0.0, scale)))
+        return _reference(query, key, value, cu_seq_q, 0.0, cu_seq_k, scale)
 
     def aten_flash_attention_forward(self, query, key, value, cum_seq_q, cum_seq_k, max_q, max_k, dropout_p, is_causal,
                                      return_debug_mask, *, scale=None, window_size_left=None, window_size_right=None,
                                      seqused_k=None, alibi_slopes=None, block_table=None, num_splits=None):
         """aten::_flash_attention_forward's schema (compared with the installed one below)."""
-        _check_call(query, key, value, cum_seq_q, cum_seq_k, max_q, max_k)
+        _check_call(query, key, value, cum_seq_q, cum_seq_k, max_q, max_k, scale)
         if is_causal or return_debug_mask:
             raise ContractError("genes are a set: is_causal must be False; no debug mask")
         if not 0.0 < dropout_p < 1.0:
             raise ContractError(f"the aten op is only for attention dropout, got dropout_p={dropout_p}")
-        self.calls.append(("aten", {"dropout_p": dropout_p}))
-        out = _reference(query, key, value, cum_seq_q, dropout_p)
+        self.calls.append(("aten", _call_info(dropout_p, scale)))
+        out = _reference(query, key, value, cum_seq_q, dropout_p, cum_seq_k, scale)
         lse = torch.empty(query.shape[1], query.shape[0])
         return out, lse, torch.empty(2), torch.empty(0), torch.empty(0)
 
@@ -259,3 +276,75 @@ def test_the_contract_catches_wrong_calls(break_it, message) -> None:
     a = break_it({"q": q, "k": k, "v": v, "cu": cu, "max": max(LENGTHS)})
     with pytest.raises(ContractError, match=message):
         Kernels().varlen_attn(a["q"], a["k"], a["v"], a["cu"], a["cu"], a["max"], a["max"])
+
+
+# ------------------------------------------------------------------ the generative pattern's two calls
+def _split_for(lengths: list[int], seed: int = 0):
+    """About half of each cell's genes unknown (never <cls>; a 1-token cell has none)."""
+    from pretrain.generative import GenerativeSplit
+
+    g = torch.Generator().manual_seed(seed)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    known = torch.rand(sum(lengths), generator=g) < 0.5
+    known[cu[:-1].long()] = True
+    return GenerativeSplit.from_known(known, cu)
+
+
+@pytest.mark.parametrize("backend, kernel", [("flash", "flash"), ("torch_varlen", "varlen_attn")])
+def test_generative_pattern_on_gpu_backends_matches_sdpa(kernels, backend, kernel, monkeypatch) -> None:
+    """Per layer: one self-attention call over the known tokens and one call of the unknown queries
+    over their cell's known keys + self slot; no SDPA and no T x T mask anywhere; forward and
+    gradients equal to the SDPA block-mask path with the same weights."""
+    lengths = [1, 7, 2, 33, 12, 40]
+    ref, other = _pair(backend)
+    cells, split = _cells(lengths), _split_for(lengths)
+    upstream = torch.randn(sum(lengths), DEBUG.d_model, generator=torch.Generator().manual_seed(1))
+    (ref(**cells, split=split).hidden.float() * upstream).sum().backward()
+
+    def no_sdpa(*a, **k):
+        raise AssertionError("the GPU path must not fall back to SDPA")
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", no_sdpa)
+    (other(**cells, split=split).hidden.float() * upstream).sum().backward()
+    cross = {"dropout_p": 0.0, "keys": "known+self"}
+    assert kernels.calls == [(kernel, {"dropout_p": 0.0}), (kernel, cross)] * DEBUG.n_layers
+    grads = [{n: p.grad.float() for n, p in m.named_parameters() if p.grad is not None and p.grad.any()} for m in (ref, other)]
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 20
+    worst = max(grads[0], key=lambda n: _rel(grads[1][n], grads[0][n]))
+    assert _rel(grads[1][worst], grads[0][worst]) < 2e-2, worst
+
+
+def test_generative_dropout_goes_to_both_calls(kernels) -> None:
+    _, model = _pair("torch_varlen", dropout=0.2)
+    lengths = [5, 9, 2, 17]
+    cells, split = _cells(lengths), _split_for(lengths)
+    model.train()
+    model(**cells, split=split).hidden.float().sum().backward()
+    assert kernels.calls == [("aten", {"dropout_p": 0.2}), ("aten", {"dropout_p": 0.2, "keys": "known+self"})] * 2
+    kernels.calls.clear()
+    model.eval()
+    with torch.no_grad():
+        model(**cells, split=split)
+    assert kernels.names() == ["varlen_attn"] * 4
+
+
+def test_generative_unknown_call_is_per_cell_not_t_by_t(kernels) -> None:
+    """The unknown call's keys are each cell's known keys plus one slot: sum(K_c + 1) rows, never T."""
+    lengths = [3, 30, 30, 30]
+    split = _split_for(lengths)
+    q = torch.randn(sum(lengths), 4, 16, dtype=torch.bfloat16)
+    from pretrain.generative import SLOT_PAD, generative_attention
+
+    shapes = []
+    orig = kernels.varlen_attn
+
+    def spy(query, key, *a, **kw):
+        shapes.append((tuple(query.shape), tuple(key.shape)))
+        return orig(query, key, *a, **kw)
+
+    attention._KERNELS["torch_varlen"] = (spy, "")
+    generative_attention(q, q, q, torch.tensor([0, 3, 33, 63, 93], dtype=torch.int32), split, backend="torch_varlen")
+    n_known, n_unknown = int(split.known.sum()), int((~split.known).sum())
+    cells_with_unknown = split.cu_unknown.numel() - 1
+    assert shapes == [((n_known, 4, 16), (n_known, 4, 16)),
+                      ((n_unknown, 4, 16 + SLOT_PAD), (n_known + cells_with_unknown, 4, 16 + SLOT_PAD))]

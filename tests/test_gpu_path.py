@@ -109,7 +109,7 @@ class FakeStream:
 
 
 class FakeTask:
-    def prepare(self, batch, seed, device):
+    def prepare(self, batch, seed, device, index=0):
         return (torch.tensor([batch[2]], device=device), seed)
 
 
