@@ -21,7 +21,7 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 
 # Order: cheap to expensive is not the point; data first, then the model, then the annotator.
-ORDER = ("ingest", "loader", "x_encoding", "train", "train_real", "tokenize_speed", "attention_speed", "annotate_speed",
+ORDER = ("ingest", "scale", "loader", "x_encoding", "train", "train_real", "tokenize_speed", "attention_speed", "annotate_speed",
          "annotate_speed_real", "annotate_quality")
 # Variants: the same script with other arguments (real cells of ../shared/data instead of synthetic ones).
 VARIANTS = {
