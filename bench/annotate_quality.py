@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -99,6 +100,7 @@ def run_celler(method: str, task: str, tr: Path, te: Path, seed: int, pre: Path,
 
     o = a.work / run_name(task, method, seed, a, pre)
     if not (o / "model").exists():
+        shutil.rmtree(o, ignore_errors=True)  # what a killed run left
         cmd = finetune_cmd(method, tr, te, seed, pre, o, a)
         print("$", " ".join(cmd), file=sys.stderr, flush=True)
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
@@ -111,7 +113,8 @@ def run_celler(method: str, task: str, tr: Path, te: Path, seed: int, pre: Path,
     adapted = reweight(p["proba"], shift.reference, shift.priors)
     em = score(truth, labels[adapted.argmax(1)], train)
     row.update({f"em_{k}": em[k] for k in (*HEADLINE, "phantom")})
-    row["best_round"] = json.loads((o / "summary.json").read_text())["round"]
+    summary = json.loads((o / "summary.json").read_text())
+    row["best_round"], row["val_macro_f1"] = summary["round"], summary["val"]["macro_f1"]
     return row
 
 
@@ -154,7 +157,7 @@ def aggregate(rows: list[dict]) -> dict:
     for key in sorted({(r["task"], r["method"]) for r in rows}):
         sel = [r for r in rows if (r["task"], r["method"]) == key]
         d = {"n_seeds": len(sel), "phantom_per_run": round(float(np.mean([len(r["phantom"]) for r in sel])), 2)}
-        for k in (*HEADLINE, *(f"em_{h}" for h in HEADLINE)):
+        for k in (*HEADLINE, *(f"em_{h}" for h in HEADLINE), "val_macro_f1"):
             v = [r[k] for r in sel if r.get(k) is not None]
             d[k] = [round(float(np.mean(v)), 4), round(float(np.std(v)), 4)] if v else None
         out["/".join(key)] = d
