@@ -97,6 +97,8 @@ def _add_synth_info(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--genes", type=int, default=20_000)
     p.add_argument("--tissues", type=int, default=80)
     p.add_argument("--diseases", type=int, default=75)
+    p.add_argument("--disease-states", action="store_true",
+                   help="add disease-specific rare cell states (a common type's state seen only under one disease)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_synth)
 
@@ -204,7 +206,8 @@ def _synth(args: argparse.Namespace) -> int:
     from data_store.synth import SynthSpec, synthesize
     from hiceller.progress import progress_factory
 
-    spec = SynthSpec(n_cells=args.cells, n_genes=args.genes, n_tissues=args.tissues, n_diseases=args.diseases, seed=args.seed)
+    spec = SynthSpec(n_cells=args.cells, n_genes=args.genes, n_tissues=args.tissues, n_diseases=args.diseases, seed=args.seed,
+                     disease_states=args.disease_states)
     done = synthesize(args.store, spec, progress_factory(not args.no_progress))
     print(f"synthesized {sum(r.n_cells for r in done)} cells in {len(done)} datasets into {args.store}")
     return 0

@@ -10,6 +10,11 @@ The generative model, chosen so a classifier can learn it but not trivially:
   modest (2-6x), so sibling types differ only in a handful of genes.
 * Disease (up to 75) and donor effects: multiplicative gene-wise factors, a disease changing
   ~100 genes 2-fold, a donor shifting every gene a little (a batch effect).
+* Disease-specific rare states (``--disease-states``, off by default so a seed's corpus stays what
+  it was): in a tissue, each disease turns 5% of its cells of one common type into a state of that
+  type found only under that disease ("macrophage (disease_07 state)": the parent's program plus 12
+  state markers). A model trained without the disease never sees the state, which is what
+  ``finetune --holdout-diseases`` and ``evaluate --group-by disease`` are for.
 * Counts: negative binomial (Poisson-Gamma, dispersion 0.3) around library size x profile; library
   sizes are log-normal so cells carry ~500-3000 non-zero genes.
 
@@ -58,6 +63,8 @@ SHARED_TYPES = (
     "plasma cell",
 )
 N_LINEAGES = 24
+STATE_SHARE = 0.05
+"""With --disease-states: the share of a tissue's diseased cells drawn as that disease's state."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +75,8 @@ class SynthSpec:
     n_diseases: int = 75
     seed: int = 0
     chunk_cells: int = 4096
+    disease_states: bool = False
+    """Add disease-specific rare cell states (module docstring)."""
 
     def __post_init__(self) -> None:
         if self.n_cells < 1:
@@ -119,6 +128,34 @@ class SyntheticCorpus:
             self.tissue_props.append(props / props.sum())
         tsize = rng.dirichlet(np.full(len(self.tissues), 2.0))
         self.tissue_share = tsize
+        # After every draw of the base world, from their own generator: the states add types without
+        # changing any other type, so a seed's corpus without --disease-states is unchanged.
+        self.state_of: list[dict[int, int]] = [{} for _ in self.tissues]
+        if spec.disease_states:
+            self._add_disease_states(np.random.default_rng([spec.seed, 60_000]))
+
+    def disease_pool(self, t: int) -> list[int]:
+        """The diseases of tissue t's dataset: normal (0) plus one to three others."""
+        if len(self.diseases) == 1:
+            return [0]
+        t_rng = np.random.default_rng([self.spec.seed, t, 30_000])
+        return [0] + list(t_rng.choice(np.arange(1, len(self.diseases)), size=min(3, len(self.diseases) - 1), replace=False))
+
+    def _add_disease_states(self, rng: np.random.Generator) -> None:
+        """Per tissue and disease, a state of one of the tissue's three commonest types; one state
+        type per (parent type, disease), shared by the tissues where it arises."""
+        shared: dict[tuple[int, int], int] = {}
+        for t in range(len(self.tissues)):
+            for d in self.disease_pool(t)[1:]:
+                parent = int(self.tissue_types[t][rng.integers(min(3, len(self.tissue_types[t])))])
+                if (parent, d) not in shared:
+                    shared[(parent, d)] = len(self.type_names)
+                    self.type_names.append(f"{self.type_names[parent]} ({self.diseases[d]} state)")
+                    self.type_lineage.append(self.type_lineage[parent])
+                    state_markers = rng.choice(self.spec.n_genes, size=12, replace=False)
+                    self.type_markers.append(np.concatenate([self.type_markers[parent], state_markers]))
+                    self.type_effect.append(np.concatenate([self.type_effect[parent], rng.uniform(3.0, 6.0, 12)]))
+                self.state_of[t][int(d)] = shared[(parent, d)]
 
     def _add_type(self, name: str, lineage: int, rng: np.random.Generator) -> int:
         self.type_names.append(name)
@@ -193,10 +230,13 @@ class SyntheticCorpus:
         n_donors = 2 + t % 7
         donor = rng.integers(0, n_donors, size=n)
         # A tissue's dataset is mostly normal tissue plus one to three diseases.
-        t_rng = np.random.default_rng([spec.seed, t, 30_000])
-        dis_pool = [0] + list(t_rng.choice(np.arange(1, len(self.diseases)), size=min(3, len(self.diseases) - 1), replace=False)) if len(self.diseases) > 1 else [0]
+        dis_pool = self.disease_pool(t)
         dis_p = np.array([0.6] + [0.4 / (len(dis_pool) - 1)] * (len(dis_pool) - 1)) if len(dis_pool) > 1 else np.array([1.0])
         disease = np.array(dis_pool)[rng.choice(len(dis_pool), size=n, p=dis_p)]
+        if self.state_of[t]:  # its own generator: the draws below stay those of the corpus without states
+            in_state = np.random.default_rng([spec.seed, t, chunk, 50_000]).random(n) < STATE_SHARE
+            for d, state in self.state_of[t].items():
+                ct[(disease == d) & in_state] = state
         donor_fx = np.exp(np.random.default_rng([spec.seed, t, 40_000]).normal(0.0, 0.25, (n_donors, spec.n_genes)))
         lib = np.exp(rng.normal(np.log(3000.0), 0.5, n))
         rows, cols, vals = [], [], []
@@ -253,12 +293,14 @@ def synthesize(
             stop=int(n),
             status="writing",
             kind="counts",
-            source=f"hiceller synth seed={spec.seed} genes={spec.n_genes} tissues={spec.n_tissues} diseases={spec.n_diseases}",
+            source=f"hiceller synth seed={spec.seed} genes={spec.n_genes} tissues={spec.n_tissues} diseases={spec.n_diseases}"
+            + (" disease-states" if spec.disease_states else ""),
             labeled=True,
             tissue=corpus.tissues[t],
             n_genes=spec.n_genes,
             new_genes=n_new if not done else 0,
-            fingerprint=f"synth-{spec.seed}-{spec.n_cells}-{spec.n_genes}-{spec.n_tissues}-{spec.n_diseases}",
+            fingerprint=f"synth-{spec.seed}-{spec.n_cells}-{spec.n_genes}-{spec.n_tissues}-{spec.n_diseases}"
+            + ("-states" if spec.disease_states else ""),
         )
         record = store.reserve_dataset(record)
         for j, a in enumerate(range(0, int(n), spec.chunk_cells)):

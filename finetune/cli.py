@@ -28,6 +28,10 @@ def add_finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label-column", default="cell_type", help="label column (store: cell_type; --h5ad: any obs column)")
     p.add_argument("--batch-column", default="batch", help="--h5ad: obs column naming donors (default: batch)")
     p.add_argument("--holdout-donors", nargs="*", default=None, help="donors kept out of training, evaluated as test")
+    p.add_argument("--diseases", nargs="+", default=None, metavar="DISEASE",
+                   help="fine-tune on the cells of these diseases (obs 'disease', e.g. normal) only")
+    p.add_argument("--holdout-diseases", nargs="+", default=None, metavar="DISEASE",
+                   help="diseases kept out of training, evaluated as test: transfer to an unseen condition")
     p.add_argument("--query-genes", type=Path, default=None,
                    help="train on the genes this query measures only: an .h5ad (its var_names) or a text file, one gene per line")
     p.add_argument("--min-gene-overlap", type=float, default=0.25, help="least share of the store's genes the pretrained vocabulary must know")
@@ -56,6 +60,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-overlap", type=float, default=0.25, help="least share of the query's genes the model must know")
     p.add_argument("--out", type=Path, default=None, help="folder for the confusion matrix and per-class table")
     p.add_argument("--json", action="store_true", help="end with one JSON line of the metrics")
+    p.add_argument("--group-by", choices=("disease", "donor", "dataset"), default=None,
+                   help="also score every disease / donor / dataset apart (obs disease, donor_id, dataset_id); "
+                   "table in OUT and MLflow")
+    p.add_argument("--group-column", default=None, help="obs column holding the --group-by groups (e.g. batch)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow for --group-by (default: OUT/mlflow.db)")
     _add_adapt_priors(p)
     p.set_defaults(func=_evaluate)
 
@@ -88,6 +97,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--label-column", default=None, help="true labels, for the plot")
     p.add_argument("--plot", type=Path, default=None, help="UMAP of the embeddings, coloured by label, as PNG")
     p.add_argument("--tracking-uri", default=None, help="for models:/ URIs")
+    p.add_argument("--disease-column", default=None, help="obs column of the query's diseases (default: disease, when "
+                   "present); cells of a disease the model was not trained on are counted in the report")
     p.add_argument("--no-progress", action="store_true")
     _add_adapt_priors(p)
     p.set_defaults(func=_annotate)
@@ -108,6 +119,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     import anndata as ad
 
     from finetune.annotate import Annotator
+    from finetune.groups import group_column
     from finetune.metrics import labelled_report, write_eval_artifacts
     from pretrain.layout import bundle_of
 
@@ -123,6 +135,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.label_column not in adata.obs.columns:
         raise InputError(f"{args.input}: obs has no label column {args.label_column!r}")
     truth = adata.obs[args.label_column].astype(str).to_numpy()
+    groups = group_column(adata.obs, args.group_by, args.group_column) if args.group_by else None
     probs = []
     for _, p, _ in ann.iter_predictions(adata, batch_size=args.batch_size, gene_column=args.gene_column, min_overlap=args.min_overlap):
         probs.append(p)
@@ -145,9 +158,27 @@ def _evaluate(args: argparse.Namespace) -> int:
         f"accuracy {report['accuracy']:.3f}, macro-F1 {report['macro_f1']:.3f}, "
         f"rare-class F1 {'n/a' if rare is None else f'{rare:.3f}'}; plots in {out}"
     )
+    if groups is not None:
+        _report_groups(args, ann, y, proba, groups, report, out)
     if args.json:
         print(json.dumps(report, default=float))
     return 0
+
+
+def _report_groups(args: argparse.Namespace, ann, y, proba, groups, report: dict, out: Path) -> None:
+    """--group-by: the metrics of every group, printed, in the JSON report, as CSV and MLflow table."""
+    import pandas as pd
+
+    from finetune.groups import group_reports, log_group_table, train_diseases
+
+    seen = train_diseases(ann.trained) if args.group_by == "disease" else None
+    frame = group_reports(y, proba, groups, ann.labels, ann.spec.label_counts or [1] * len(ann.labels), seen=seen)
+    report[f"by_{args.group_by}"] = json.loads(frame.to_json(orient="records"))
+    csv = log_group_table(frame, args.group_by, report, out, args.tracking_uri,
+                          {"model": str(args.model), "input": str(args.input), "group_column": groups.name})
+    with pd.option_context("display.width", 200, "display.max_columns", 20, "display.max_colwidth", 40):
+        print(frame.drop(columns=["classes"]).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"metrics by {args.group_by}: {csv} (and MLflow, run evaluate-by-{args.group_by})")
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -186,6 +217,7 @@ def _annotate(args: argparse.Namespace) -> int:
     import anndata as ad
 
     from finetune.annotate import Annotator
+    from finetune.groups import unseen_disease_line
 
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -200,8 +232,9 @@ def _annotate(args: argparse.Namespace) -> int:
         adata = ad.read_h5ad(args.input)
     except Exception as e:
         raise InputError(f"{args.input}: not a readable .h5ad file ({type(e).__name__})") from None
-    if args.label_column and args.label_column not in adata.obs.columns:
-        raise InputError(f"{args.input}: obs has no column {args.label_column!r}")
+    for column in (args.label_column, args.disease_column):
+        if column and column not in adata.obs.columns:
+            raise InputError(f"{args.input}: obs has no column {column!r}")
     factory = progress_factory(not args.no_progress)
     bar = factory("annotate", adata.n_obs) if factory else None
     out = ann.annotate(
@@ -214,6 +247,9 @@ def _annotate(args: argparse.Namespace) -> int:
         adapt_priors=args.adapt_priors,
     )
     print(ann.last_mapping.describe())
+    unseen = unseen_disease_line(ann.trained, adata.obs, args.disease_column or "disease")
+    if unseen:
+        print(unseen)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.output.with_name(f".{args.output.name}.partial")
     out.write_h5ad(tmp)

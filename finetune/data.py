@@ -4,7 +4,8 @@
     -> their genes as pretrained-vocabulary ids (refused below --min-gene-overlap)
     -> restricted to the genes the query measures (--query-genes) and/or the most variable
        training genes (finetune.n_hvg; computed on rank 0, broadcast)
-    -> split: held-out donors = test, a class-stratified validation sample (finetune/splits.py)
+    -> only the cells of --diseases (and of --holdout-diseases), when given
+    -> split: held-out donors and diseases = test, a class-stratified validation sample (finetune/splits.py)
     -> classes = the training split's labels, with their counts
 """
 
@@ -53,6 +54,9 @@ class FinetuneData:
     """Store gene id -> pretrained vocabulary id; -1 for a gene the classifier does not read."""
     input_genes: list[str] | None
     """Vocabulary genes the classifier reads; None = every gene it knows."""
+    train_diseases: list[str] | None = None
+    """Diseases (conditions) of the training split; kept in the bundle, so annotation can name the
+    query cells of a disease the model never saw."""
 
     def label_ids(self, idx: np.ndarray) -> np.ndarray:
         """Class ids of the cells at positions ``idx`` (-100 for a class absent from training)."""
@@ -76,7 +80,7 @@ def _open_store(args, dist: DistInfo, out: Path) -> tuple[str, str]:
     return store_uri, "cell_type"
 
 
-def _select_cells(store: CorpusStore, tissue: str | None, label_column: str) -> pd.DataFrame:
+def _select_cells(store: CorpusStore, tissue: str | None, label_column: str, diseases: list[str] | None) -> pd.DataFrame:
     if label_column != "cell_type":
         raise InputError(f"store obs has no label column {label_column!r}: store labels are in 'cell_type'")
     value_filter = None
@@ -85,11 +89,18 @@ def _select_cells(store: CorpusStore, tissue: str | None, label_column: str) -> 
         if tissue not in tissues:
             raise InputError(f"tissue {tissue!r} is not in store {store.uri} (tissues: {', '.join(sorted(tissues)) or 'none'})")
         value_filter = f"tissue == {json.dumps(tissue)}"
-    obs = store.obs(column_names=["cell_type", "donor_id", "dataset_id", "tissue"], value_filter=value_filter)
+    obs = store.obs(column_names=["cell_type", "donor_id", "dataset_id", "tissue", "disease"], value_filter=value_filter)
     labeled = {d.dataset_id for d in store.complete_datasets() if d.labeled}
     obs = obs[obs["dataset_id"].isin(labeled)].reset_index(drop=True)
     if obs.empty:
         raise InputError(f"store {store.uri} has no labelled cell" + (f" in tissue {tissue!r}" if tissue else ""))
+    if diseases:
+        there = set(obs["disease"].astype(str))
+        missing = sorted(set(diseases) - there)
+        if missing:
+            raise InputError(f"--diseases / --holdout-diseases: {', '.join(missing)} not among the labelled cells' diseases "
+                             f"({', '.join(sorted(there)[:20])})")
+        obs = obs[obs["disease"].astype(str).isin(diseases)]
     return obs.sort_values("soma_joinid").reset_index(drop=True)
 
 
@@ -113,7 +124,7 @@ def _store_gene_map(store: CorpusStore, vocab: list[str], min_overlap: float, qu
     return restricted.ids
 
 
-def _split(cfg: RunConfig, obs: pd.DataFrame, holdout: list[str] | None) -> Split:
+def _split(cfg: RunConfig, obs: pd.DataFrame, holdout: list[str] | None, holdout_diseases: list[str] | None) -> Split:
     labels = obs["cell_type"].astype(str).to_numpy()
     donors = obs["donor_id"].astype(str).to_numpy()
     has_donors = not np.all(donors == "unknown")
@@ -121,9 +132,11 @@ def _split(cfg: RunConfig, obs: pd.DataFrame, holdout: list[str] | None) -> Spli
         raise InputError("--holdout-donors given, but the cells have no donor ids")
     try:
         return make_split(labels, donors=donors if has_donors else None, holdout_donors=holdout if has_donors else None,
-                          val_fraction=cfg.finetune.val_fraction, seed=cfg.train.seed)
-    except ValueError as e:  # unknown donors, every donor held out
-        raise InputError(f"--holdout-donors: {e}") from None
+                          val_fraction=cfg.finetune.val_fraction, seed=cfg.train.seed,
+                          diseases=obs["disease"].astype(str).to_numpy(), holdout_diseases=holdout_diseases)
+    except ValueError as e:  # unknown donors or diseases, every cell held out
+        flags = " / ".join(f for f, v in (("--holdout-donors", holdout), ("--holdout-diseases", holdout_diseases)) if v)
+        raise InputError(f"{flags}: {e}") from None
 
 
 def _variable_genes(cfg: RunConfig, dist: DistInfo, store: CorpusStore, train_joinids: np.ndarray, gene_map: np.ndarray) -> np.ndarray:
@@ -148,9 +161,10 @@ def prepare_data(args, cfg: RunConfig, vocab: list[str], dist: DistInfo, out: Pa
     store_uri, label_column = _open_store(args, dist, out)
     try:
         store = CorpusStore.open(store_uri)
-        obs = _select_cells(store, args.tissue, label_column)
+        wanted = sorted(set(args.diseases) | set(args.holdout_diseases or [])) if args.diseases else None
+        obs = _select_cells(store, args.tissue, label_column, wanted)
         gene_map = _store_gene_map(store, vocab, args.min_gene_overlap, query_genes)
-        split = _split(cfg, obs, args.holdout_donors)
+        split = _split(cfg, obs, args.holdout_donors, args.holdout_diseases)
     except InputError:
         if args.h5ad is not None and dist.is_main:
             shutil.rmtree(store_uri, ignore_errors=True)
@@ -166,4 +180,5 @@ def prepare_data(args, cfg: RunConfig, vocab: list[str], dist: DistInfo, out: Pa
         split.save(out / SPLIT, joinids=joinids)
         for note in split.notes:
             print(f"warning: {note}", file=sys.stderr)
-    return FinetuneData(store_uri, joinids, labels, names, counts, split, gene_map, input_genes)
+    train_diseases = sorted(set(obs["disease"].astype(str).to_numpy()[split.train_idx]))
+    return FinetuneData(store_uri, joinids, labels, names, counts, split, gene_map, input_genes, train_diseases)

@@ -209,8 +209,15 @@ def run_rounds(ctx: RoundContext, parent: Tracker) -> dict[str, Any]:
 def finish(ctx: RoundContext, best: dict[str, Any], parent: Tracker) -> dict[str, Any]:
     """The best round's test metrics, bundle (RUN/model) and summary (RUN/summary.json)."""
     split = ctx.data.split
-    test = evaluate(ctx, ctx.task(best["state"], with_head=True), split.test_idx) if len(split.test_idx) else None
-    summary = {"round": best["round"], "val": best["val"], "test": test["report"] if test else None}
+    # A held-out disease may hold only classes training never saw: nothing to score, not a failure.
+    scorable = len(split.test_idx) > 0 and bool((ctx.data.label_ids(split.test_idx) >= 0).any())
+    if len(split.test_idx) and not scorable and ctx.dist.is_main:
+        print("warning: no held-out cell has a class seen in training; no test metrics", flush=True)
+    test = evaluate(ctx, ctx.task(best["state"], with_head=True), split.test_idx) if scorable else None
+    # The training diseases ride in the summary, so a bundle (metrics.json, also after export) can
+    # tell annotation which query cells come from a condition the model never saw.
+    summary = {"round": best["round"], "val": best["val"], "test": test["report"] if test else None,
+               "train_diseases": ctx.data.train_diseases}
     if ctx.dist.is_main:
         parent.log_metrics({"best_round": float(best["round"]), **{f"best_val_{k}": v for k, v in _scalars(best["val"]).items()}}, step=0)
         if test:

@@ -62,10 +62,14 @@ def follow_pretrained(cfg: RunConfig, pre: ModelSpec, overrides: list[str]) -> R
 def _announce(ctx: RoundContext, parent: Tracker, args: argparse.Namespace) -> None:
     cfg, data, split = ctx.cfg, ctx.data, ctx.data.split
     parent.log_params({**cfg.flat(), "tissue": args.tissue, "pretrained": str(ctx.pretrained.source), "n_classes": len(data.names)})
-    parent.set_tags({"kind": "finetune", "run_dir": ctx.out.resolve(), "split": split.strategy})
+    parent.set_tags({"kind": "finetune", "run_dir": ctx.out.resolve(), "split": split.strategy,
+                     "train_diseases": ", ".join(data.train_diseases or [])[:5000]})
     genes = f"{len(data.input_genes)} genes read" if data.input_genes else "all genes"
     print(f"fine-tuning on {len(split.train_idx)} train / {len(split.val_idx)} val / {len(split.test_idx)} test cells, "
           f"{len(data.names)} classes, loss {cfg.finetune.loss}, head {cfg.finetune.head}, split {split.strategy}, {genes}", flush=True)
+    if args.holdout_diseases or args.diseases:
+        held = f"; held out as test: {', '.join(args.holdout_diseases)}" if args.holdout_diseases else ""
+        print(f"diseases trained on: {', '.join(data.train_diseases or [])}{held}", flush=True)
 
 
 def _print_result(out: Path, summary: dict) -> None:

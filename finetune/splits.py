@@ -1,4 +1,4 @@
-"""Train / validation / test split of a fine-tuning cell set, by donor when donors are known.
+"""Train / validation / test split of a fine-tuning cell set, by donor and by disease when known.
 
 Rules, and why:
 
@@ -6,6 +6,9 @@ Rules, and why:
   seen in training or used for early stopping, so test numbers measure transfer to new donors, which
   is what annotating a user's query data means. Donors named for hold-out but absent from
   ``donors`` are an error, not silently ignored. Without held-out donors the test set is empty.
+* Held-out diseases (``holdout_diseases``) do the same for conditions: train on some diseases, test
+  on one the model never saw (Celler's long tail is one of diseases). With both, the test set is
+  every cell of a held-out donor or of a held-out disease.
 * Validation is a class-stratified sample of the remaining (training donors') cells, not a whole
   donor. Validation picks the best epoch / mining round by macro F1, and with the handful of donors a
   tissue subset usually has, a whole validation donor often lacks the rare classes altogether, which
@@ -130,23 +133,34 @@ def _stratified_val(
     return (np.concatenate(val) if val else np.empty(0, dtype=np.int64)), notes
 
 
-def _holdout_mask(donors: np.ndarray, holdout: Sequence[str]) -> np.ndarray:
-    """Cells of the held-out donors, refusing donors that do not exist or leave nothing to train on."""
+def _holdout_mask(values: np.ndarray, holdout: Sequence[str], what: str = "donor") -> np.ndarray:
+    """Cells of the held-out donors (or diseases), refusing names that do not exist or leave nothing
+    to train on."""
     wanted = np.asarray(list(holdout)).astype(str)
-    missing = sorted(set(wanted) - set(donors))
+    there = sorted(str(v) for v in set(values))
+    missing = sorted(set(wanted.tolist()) - set(there))
     if missing:
-        raise ValueError(f"held-out donors not found among the cells' donors: {missing}")
-    mask = np.isin(donors, wanted)
+        raise ValueError(f"held-out {what}s not found among the cells' {what}s: {missing} (there: {there[:20]})")
+    mask = np.isin(values, wanted)
     if mask.all():
-        raise ValueError("every donor is held out; no cells are left for training")
+        raise ValueError(f"every {what} is held out; no cells are left for training")
     return mask
 
 
-def _unseen_class_notes(labels: np.ndarray, test: np.ndarray, train_pool: np.ndarray) -> list[str]:
-    """Classes only the held-out donors have: the model cannot predict them, so say so up front."""
+def _per_cell(values, n: int, what: str) -> np.ndarray:
+    if values is None:
+        raise ValueError(f"holdout_{what}s needs the per-cell {what}s")
+    out = np.asarray(values, dtype=object).astype(str)
+    if out.size != n:
+        raise ValueError(f"{what}s has {out.size} entries for {n} cells")
+    return out
+
+
+def _unseen_class_notes(labels: np.ndarray, test: np.ndarray, train_pool: np.ndarray, held: str) -> list[str]:
+    """Classes only the held-out cells have: the model cannot predict them, so say so up front."""
     unseen = np.setdiff1d(np.unique(labels[test]), np.unique(labels[train_pool]))
     return [
-        f"class {cls!r} occurs only in held-out donors ({int((labels[test] == cls).sum())} test cells);"
+        f"class {cls!r} occurs only in held-out {held} ({int((labels[test] == cls).sum())} test cells);"
         " never seen in training"
         for cls in unseen
     ]
@@ -158,11 +172,13 @@ def make_split(
     holdout_donors: Sequence[object] | None = None,
     val_fraction: float = 0.1,
     seed: int = 0,
+    diseases: Sequence[object] | np.ndarray | pd.Series | None = None,
+    holdout_diseases: Sequence[object] | None = None,
 ) -> Split:
-    """Split cells by held-out donor (test) and by class-stratified sampling (validation).
+    """Split cells by held-out donor and disease (test) and by class-stratified sampling (validation).
 
-    ``labels`` and ``donors`` are per-cell arrays (any hashable values; compared as strings);
-    missing labels are an error because an unlabelled cell cannot be trained or scored.
+    ``labels``, ``donors`` and ``diseases`` are per-cell arrays (any hashable values; compared as
+    strings); missing labels are an error because an unlabelled cell cannot be trained or scored.
     """
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
@@ -173,20 +189,22 @@ def make_split(
     n = lab.size
     if n == 0:
         raise ValueError("no cells to split")
-    test = np.empty(0, dtype=np.int64)
+    held = np.zeros(n, dtype=bool)
     notes: list[str] = []
-    strategy = "stratified"
+    kinds = []
     if holdout_donors:
-        if donors is None:
-            raise ValueError("holdout_donors needs the per-cell donors")
-        don = np.asarray(donors, dtype=object).astype(str)
-        if don.size != n:
-            raise ValueError(f"donors has {don.size} entries for {n} cells")
-        test = np.flatnonzero(_holdout_mask(don, [str(d) for d in holdout_donors]))
-        strategy = "donor_holdout"
-    elif donors is not None:
+        held |= _holdout_mask(_per_cell(donors, n, "donor"), [str(d) for d in holdout_donors])
+        kinds.append("donor")
+    elif donors is not None and not holdout_diseases:
         notes.append("donors given but none held out: test set is empty")
+    if holdout_diseases:
+        held |= _holdout_mask(_per_cell(diseases, n, "disease"), [str(d) for d in holdout_diseases], "disease")
+        kinds.append("disease")
+    if held.all():
+        raise ValueError("the held-out donors and diseases cover every cell; no cells are left for training")
+    strategy = "+".join(kinds) + "_holdout" if kinds else "stratified"
+    test = np.flatnonzero(held)
     pool = np.setdiff1d(np.arange(n), test)
     val, val_notes = _stratified_val(lab, pool, val_fraction, np.random.default_rng(seed))
-    notes += val_notes + _unseen_class_notes(lab, test, pool)
+    notes += val_notes + _unseen_class_notes(lab, test, pool, " and ".join(f"{k}s" for k in kinds) or "cells")
     return Split(train_idx=np.setdiff1d(pool, val), val_idx=val, test_idx=test, strategy=strategy, notes=notes)

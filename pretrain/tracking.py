@@ -104,6 +104,11 @@ class Tracker:
         if self.enabled:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def log_table(self, frame, artifact_file: str) -> None:
+        """A pandas DataFrame as an MLflow table (a JSON artifact the UI shows as a table)."""
+        if self.enabled:
+            self.client.log_table(self.run_id, data=frame, artifact_file=artifact_file)
+
     def finish(self, status: str = "FINISHED") -> None:
         if self.enabled:
             self.client.set_terminated(self.run_id, status)
