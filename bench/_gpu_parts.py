@@ -321,7 +321,7 @@ def _padded_annotator(ann):
             p = to_padded(pack(tok)).to(self.device)
             out = self.task.model.forward_padded(p.gene_ids, p.values, p.padding_mask)
             logits = self.task.head(out.cell_emb)
-            return torch.softmax(logits.float(), -1).cpu().numpy(), out.cell_emb.float().cpu().numpy()
+            return logits.float().cpu().numpy(), out.cell_emb.float().cpu().numpy()
 
     return PaddedAnnotator(ann)
 

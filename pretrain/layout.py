@@ -13,7 +13,7 @@ read, resolved and checked. Every other module calls this one instead of buildin
       phase1/ round1/ ...              one RUN folder per round (+ val_* artifacts, hard_cells.parquet)
       model/                           the best round as a bundle
     BUNDLE/                            model.safetensors config.json vocab.json labels.json
-                                       metrics.json checksums.sha256 (see write_bundle)
+                                       metrics.json [calibration.json] checksums.sha256 (write_bundle)
 
 One record describes a trained model wherever it was read from: :class:`TrainedModel` = the weights
 + :class:`ModelSpec` (what the weights mean: architecture, bins, vocabulary, and for a classifier
@@ -47,7 +47,7 @@ from pretrain.distributed import select_accelerator
 
 __all__ = [
     "CONFIG", "VOCAB", "LABELS", "METRICS", "SUMMARY", "SPLIT", "BUNDLE_DIR", "CHECKPOINT_DIR", "COMPLETE",
-    "BUNDLE_FILES", "CHECKSUMS", "BUNDLE_FORMAT",
+    "BUNDLE_FILES", "CALIBRATION", "CHECKSUMS", "BUNDLE_FORMAT",
     "ModelSpec", "TrainedModel",
     "tag_for", "checkpoint_root", "list_checkpoints", "latest_complete", "resolve_checkpoint",
     "write_json_atomic", "mark_complete", "prune", "write_run_files", "write_spec", "read_spec", "read_run_config",
@@ -66,6 +66,8 @@ CHECKPOINT_DIR = "checkpoints"
 COMPLETE = "COMPLETE"
 META = "meta.json"
 BUNDLE_FILES = ("model.safetensors", "config.json", "vocab.json", "labels.json", "metrics.json")
+CALIBRATION = "calibration.json"
+"""Optional (bundles written before it have none): temperature, thresholds, novelty centroids."""
 CHECKSUMS = "checksums.sha256"
 BUNDLE_FORMAT = "hiceller-bundle/1"
 HEADS = ("transformer", "linear", "joint")
@@ -105,6 +107,8 @@ class TrainedModel:
     metrics: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
     """How it was made (loss, pretrained model, ...), kept in a bundle's config.json."""
+    calibration: dict[str, Any] | None = None
+    """A classifier's trust settings (finetune/calibration.py), kept in a bundle's calibration.json."""
 
 
 # ------------------------------------------------------------------ checkpoints of a run folder
@@ -319,10 +323,12 @@ def write_bundle(out: Path, model: TrainedModel, overwrite: bool = False) -> Pat
         labels = {"names": list(spec.labels), "train_counts": [int(c) for c in spec.label_counts], "hierarchy": spec.hierarchy}
         (tmp / LABELS).write_text(json.dumps(labels, indent=1))
         (tmp / "metrics.json").write_text(json.dumps(model.metrics, indent=1, default=float))
-        (tmp / CHECKSUMS).write_text("".join(f"{_sha256(tmp / name)}  {name}\n" for name in BUNDLE_FILES))
-        for name in (*BUNDLE_FILES, CHECKSUMS):
-            with open(tmp / name, "rb") as f:
-                os.fsync(f.fileno())
+        files = BUNDLE_FILES
+        if model.calibration is not None:
+            (tmp / CALIBRATION).write_text(json.dumps(model.calibration))
+            files = (*BUNDLE_FILES, CALIBRATION)
+        (tmp / CHECKSUMS).write_text("".join(f"{_sha256(tmp / name)}  {name}\n" for name in files))
+        _share_like_umask(tmp, (*files, CHECKSUMS))
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -330,6 +336,18 @@ def write_bundle(out: Path, model: TrainedModel, overwrite: bool = False) -> Pat
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _share_like_umask(folder: Path, names: tuple[str, ...]) -> None:
+    """fsync every file, then give the folder and files the modes the user's umask asks for
+    (mkdtemp makes 0700 and safetensors 0600: a bundle on a lab share must be readable by the lab)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in names:
+        with open(folder / name, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(folder / name, 0o666 & ~mask)
+    os.chmod(folder, 0o777 & ~mask)
 
 
 def verify_bundle(path: Path) -> None:
@@ -345,7 +363,9 @@ def verify_bundle(path: Path) -> None:
         if line.strip():
             digest, _, name = line.partition("  ")
             expected[name.strip()] = digest.strip()
-    for name in BUNDLE_FILES:
+    if (path / CALIBRATION).is_file() and CALIBRATION not in expected:
+        raise InputError(f"bundle {path}: {CALIBRATION} has no checksum (added after the bundle was written)")
+    for name in (*BUNDLE_FILES, *([CALIBRATION] if CALIBRATION in expected else [])):
         f = path / name
         if not f.is_file():
             raise InputError(f"bundle {path}: {name} is missing")
@@ -410,7 +430,13 @@ def load_bundle(path: Path) -> TrainedModel:
     )
     _check_bundle_weights(path, spec, config, state)
     known = {"format", "model", "n_genes", "n_classes", "tokenizer", "head"}
-    return TrainedModel(spec, state, path, metrics, {k: v for k, v in config.items() if k not in known})
+    calibration = None
+    if (path / CALIBRATION).is_file():
+        try:
+            calibration = json.loads((path / CALIBRATION).read_text())
+        except json.JSONDecodeError as e:
+            raise InputError(f"bundle {path}: {CALIBRATION} does not parse ({e})") from None
+    return TrainedModel(spec, state, path, metrics, {k: v for k, v in config.items() if k not in known}, calibration)
 
 
 def load_trained(path: Path) -> TrainedModel:
