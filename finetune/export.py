@@ -16,8 +16,20 @@ from pathlib import Path
 
 from hiceller.errors import InputError
 from pretrain import layout
+from pretrain.tracking import experiment_id
 
 __all__ = ["export_bundle", "log_pyfunc"]
+
+
+def _run_bundle_extras(run: Path, src: Path) -> tuple[dict | None, dict]:
+    """Calibration and provenance of the bundle a fine-tuning run wrote, when ``src`` is its best round
+    (the same weights): calibration is fitted on the run's own cells at its end, not per round."""
+    bundle = layout.bundle_of(run)
+    summary = layout.read_summary(run)
+    if bundle == run or summary is None or layout.round_dir(run, int(summary.get("round", 0))) != src:
+        return None, {}
+    made = layout.load_bundle(bundle)
+    return made.calibration, made.provenance
 
 
 def export_bundle(checkpoint: Path, out: Path, overwrite: bool = False) -> Path:
@@ -25,6 +37,7 @@ def export_bundle(checkpoint: Path, out: Path, overwrite: bool = False) -> Path:
         raise InputError(f"--checkpoint {checkpoint} does not exist")
     src, metrics = layout.best_round_dir(checkpoint)
     model = layout.load_trained(src)
+    model.calibration, model.provenance = _run_bundle_extras(Path(checkpoint), src)
     spec = model.spec
     if not spec.is_classifier:
         raise InputError(f"{model.source} is a pretraining checkpoint (no labels.json): fine-tune it first (`hiceller finetune`)")
@@ -34,7 +47,7 @@ def export_bundle(checkpoint: Path, out: Path, overwrite: bool = False) -> Path:
     return layout.write_bundle(out, model, overwrite=overwrite)
 
 
-def log_pyfunc(bundle: Path, tracking_uri: str | None, register: str | None) -> str:
+def log_pyfunc(bundle: Path, tracking_uri: str, register: str | None) -> str:
     """Log the bundle as an MLflow pyfunc model (registered under ``register`` when given)."""
     import mlflow
 
@@ -42,18 +55,15 @@ def log_pyfunc(bundle: Path, tracking_uri: str | None, register: str | None) -> 
 
     logging.getLogger("mlflow").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module="mlflow")
-    os.environ.setdefault("MLFLOW_ENABLE_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-    name = "hiceller-models"
-    if mlflow.get_experiment_by_name(name) is None:
-        uri = mlflow.get_tracking_uri()
-        # Artifacts beside a sqlite tracking file, never in the caller's working directory.
-        where = Path(uri[len("sqlite:///"):]).parent if uri.startswith("sqlite:///") else Path(bundle).resolve().parent
-        mlflow.create_experiment(name, artifact_location=(where / "mlruns").resolve().as_uri())
-    mlflow.set_experiment(name)
-    with mlflow.start_run(run_name=f"export-{Path(bundle).name}") as run:
+    mlflow.set_tracking_uri(tracking_uri)
+    exp_id = experiment_id(mlflow.MlflowClient(tracking_uri), tracking_uri)
+    made = layout.load_bundle(bundle).provenance
+    # nested under the fine-tuning run that made the weights, when it logs to this store
+    parent = made.get("mlflow_run_id") if made.get("tracking_uri") == tracking_uri else None
+    with mlflow.start_run(experiment_id=exp_id, run_name=f"export-{Path(bundle).name}", parent_run_id=parent,
+                          tags={"kind": "export"}) as run:
         info = mlflow.pyfunc.log_model(
             name="celler",
             python_model=CellerPyfunc(),

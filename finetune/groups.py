@@ -108,24 +108,16 @@ def unseen_disease_line(trained, obs: pd.DataFrame, column: str = "disease") -> 
             f"their labels are transferred from {', '.join(seen)} (check them: hiceller evaluate --group-by disease)")
 
 
-def log_group_table(frame: pd.DataFrame, by: str, report: dict[str, Any], out, tracking_uri: str | None,
-                    params: dict[str, Any]) -> Path:
-    """The per-group table as ``OUT/metrics_by_<by>.csv`` and as an MLflow table, in a new MLflow run
-    (``--tracking-uri``, else OUT/mlflow.db) with the overall metrics; returns the CSV's path."""
-    from pretrain.tracking import Tracker
-
+def log_group_table(frame: pd.DataFrame, by: str, out, tracker=None) -> Path:
+    """The per-group table as ``OUT/metrics_by_<by>.csv`` and, with a tracker (the evaluation's MLflow
+    run), as an MLflow table; returns the CSV's path."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     csv = out / f"metrics_by_{by}.csv"
     frame.to_csv(csv, index=False)
-    (out / "mlflow_run_id").unlink(missing_ok=True)  # every evaluation is a run of its own
-    tracker = Tracker(out, enabled=True, tracking_uri=tracking_uri, run_name=f"evaluate-by-{by}")
-    tracker.set_tags({"kind": "evaluate"})
-    tracker.log_params({**params, "group_by": by})
-    scalars = {k: float(v) for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    tracker.log_metrics(scalars, step=0)
-    # MLflow's table wants JSON-able cells: None stays null, numpy scalars become Python numbers.
-    tracker.log_table(frame.astype(object).where(frame.notna(), None), f"metrics_by_{by}.json")
-    tracker.log_artifact(csv)
-    tracker.finish()
+    if tracker is not None:
+        tracker.log_params({"group_by": by})
+        # MLflow's table wants JSON-able cells: None stays null, numpy scalars become Python numbers.
+        tracker.log_table(frame.astype(object).where(frame.notna(), None), f"metrics_by_{by}.json")
+        tracker.log_artifact(csv)
     return csv

@@ -21,6 +21,7 @@ Conventions (kept explicit because they change the numbers):
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ __all__ = [
     "classification_report",
     "expected_calibration_error",
     "per_class_table",
+    "natural_key",
     "plot_confusion_matrix",
     "row_normalised_confusion",
 ]
@@ -202,6 +204,11 @@ def row_normalised_confusion(y_true: np.ndarray, y_pred: np.ndarray, labels: np.
     return np.divide(matrix, rows, out=np.zeros_like(matrix), where=rows > 0)
 
 
+def natural_key(name: str) -> list:
+    """Sort key that orders the numbers inside names by value: "type 2" before "type 10"."""
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", str(name))]
+
+
 def plot_confusion_matrix(
     y_true: Sequence[int] | np.ndarray,
     y_pred: Sequence[int] | np.ndarray,
@@ -220,7 +227,8 @@ def plot_confusion_matrix(
     names = list(class_names)
     yt = _check_labels(np.asarray(y_true), len(names), "y_true")
     yp = _check_labels(np.asarray(y_pred), len(names), "y_pred")
-    present = np.union1d(yt, yp)
+    # natural order of the names ("type 2" before "type 10"), not the order of the class ids
+    present = np.array(sorted(np.union1d(yt, yp), key=lambda c: natural_key(names[c])), dtype=np.int64)
     matrix = row_normalised_confusion(yt, yp, present)
     n = len(present)
     side = max(5.0, 0.45 * n + 3.0)

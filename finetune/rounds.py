@@ -25,9 +25,11 @@ import torch
 
 from data_store.stream import CellStream
 from data_store.tokenize import Tokenizer
+from finetune.calibration import fit_calibration
 from finetune.data import FinetuneData
 from finetune.metrics import labelled_report, softmax, write_eval_artifacts
 from finetune.mining import BestRoundTracker, HardMiner, HardMiningRule
+from finetune.plots import plot_per_class_f1, plot_reliability, plot_umap
 from finetune.task import ClassifierTask, predict_logits
 from hiceller.config import RunConfig
 from hiceller.errors import HicellerError
@@ -36,6 +38,7 @@ from pretrain.distributed import DistInfo
 from pretrain.layout import ModelSpec, TrainedModel
 from pretrain.loop import full_state_dict, train
 from pretrain.model import CellerModel
+from pretrain.plots import plot_loss_curve
 from pretrain.tracking import Tracker
 
 __all__ = ["RoundContext", "run_rounds"]
@@ -135,15 +138,46 @@ def predict(ctx: RoundContext, task: ClassifierTask, idx: np.ndarray) -> dict[st
     return {k: v[order] for k, v in pred.items()}
 
 
-def evaluate(ctx: RoundContext, task: ClassifierTask, idx: np.ndarray) -> dict[str, Any]:
+def evaluate(ctx: RoundContext, task: ClassifierTask, idx: np.ndarray, keep_embeddings: bool = False) -> dict[str, Any]:
     """The classification report of the cells ``idx``, with what its artifacts are drawn from."""
     if len(idx) == 0:
         raise HicellerError("nothing to evaluate: the validation split is empty")
     y = ctx.data.label_ids(idx)
-    proba = softmax(predict(ctx, task, idx)["logits"])
+    pred = predict(ctx, task, idx)
+    proba = softmax(pred["logits"])
     report = labelled_report(y, proba, ctx.data.names, ctx.data.counts, ctx.cfg.finetune.rare_class_threshold)
     known = y >= 0
-    return {"report": report, "y": y[known], "pred": proba[known].argmax(1)}
+    out = {"report": report, "y": y[known], "pred": proba[known].argmax(1)}
+    if keep_embeddings:
+        out["embeddings"], out["labels"] = pred["embeddings"], ctx.data.labels[idx]
+        out["predicted"] = np.array(ctx.data.names, dtype=object)[proba.argmax(1)]
+    return out
+
+
+def _calibrate(ctx: RoundContext, task: ClassifierTask) -> dict[str, Any]:
+    """The bundle's trust settings (finetune/calibration.py) from the validation logits and the
+    training cells' embeddings of the kept weights, with the probabilities for the reliability plot."""
+    split = ctx.data.split
+    val, train = predict(ctx, task, split.val_idx), predict(ctx, task, split.train_idx)
+    val_y, train_y = ctx.data.label_ids(split.val_idx), ctx.data.label_ids(split.train_idx)
+    cal = fit_calibration(val["logits"], val_y, train["embeddings"], train_y, train["n_genes"], len(ctx.data.names))
+    known = val_y >= 0
+    return {"calibration": cal, "val_y": val_y[known], "val_logits": val["logits"][known]}
+
+
+def _log_calibration(tracker: Tracker, c: dict[str, Any], folder: Path) -> None:
+    cal = c["calibration"]
+    curves = {"raw": softmax(c["val_logits"]), f"T = {cal.temperature:.2f}": cal.probabilities(c["val_logits"])}
+    tracker.log_artifact(plot_reliability(curves, c["val_y"], folder / "val_reliability.png"))
+    tracker.log_metrics({"val_ece_raw": cal.ece_before, "val_ece_calibrated": cal.ece_after, "temperature": cal.temperature,
+                         "min_confidence": cal.min_confidence}, step=0)
+
+
+def _log_umap(ctx: RoundContext, tracker: Tracker, test: dict[str, Any]) -> None:
+    """UMAP of the held-out cells' embeddings, true and predicted labels side by side."""
+    png = plot_umap(test["embeddings"], {"true label": test["labels"], "predicted": test["predicted"]},
+                    ctx.out / "test_umap.png", seed=ctx.cfg.train.seed)
+    tracker.log_artifact(png)
 
 
 def _scalars(report: dict[str, Any]) -> dict[str, float]:
@@ -151,14 +185,24 @@ def _scalars(report: dict[str, Any]) -> dict[str, float]:
 
 
 def _log_eval(ctx: RoundContext, tracker: Tracker, ev: dict[str, Any], folder: Path, prefix: str) -> None:
-    for f in write_eval_artifacts(ev["report"], ev["y"], ev["pred"], ctx.data.names, folder, f"{prefix}_"):
+    """Confusion matrix, per-class F1 (CSV and bars) and the report of one evaluation, as artifacts."""
+    files = write_eval_artifacts(ev["report"], ev["y"], ev["pred"], ctx.data.names, folder, f"{prefix}_")
+    files.append(plot_per_class_f1(ev["report"], folder / f"{prefix}_per_class_f1.png", f"{prefix}: per-class F1"))
+    for f in files:
         tracker.log_artifact(f)
+
+
+def _log_loss_curve(tracker: Tracker, folder: Path) -> None:
+    rows = [json.loads(line) for line in (folder / layout.METRICS).read_text().splitlines() if line.strip()]
+    if rows:
+        tracker.log_artifact(plot_loss_curve(rows, folder / "loss_curve.png", ylabel="classification loss"))
 
 
 def _report_round(ctx: RoundContext, rnd: int, tracker: Tracker, val: dict, n_train: int, hard, scores, train_idx) -> None:
     """Rank 0: the round's validation metrics, hard-set make-up and artifacts, to MLflow and stdout."""
     folder = layout.round_dir(ctx.out, rnd)
     _log_eval(ctx, tracker, val, folder, "val")
+    _log_loss_curve(tracker, folder)
     tracker.log_metrics({f"val_{k}": v for k, v in _scalars(val["report"]).items()}, step=rnd)
     if hard is not None:
         tracker.log_metrics({"hard_set_size": float(len(hard.hard_idx)), "replay_size": float(len(hard.replay_idx))}, step=rnd)
@@ -213,7 +257,9 @@ def finish(ctx: RoundContext, best: dict[str, Any], parent: Tracker) -> dict[str
     scorable = len(split.test_idx) > 0 and bool((ctx.data.label_ids(split.test_idx) >= 0).any())
     if len(split.test_idx) and not scorable and ctx.dist.is_main:
         print("warning: no held-out cell has a class seen in training; no test metrics", flush=True)
-    test = evaluate(ctx, ctx.task(best["state"], with_head=True), split.test_idx) if scorable else None
+    final = ctx.task(best["state"], with_head=True)
+    test = evaluate(ctx, final, split.test_idx, keep_embeddings=True) if scorable else None
+    calibration = _calibrate(ctx, final)
     # The training diseases ride in the summary, so a bundle (metrics.json, also after export) can
     # tell annotation which query cells come from a condition the model never saw.
     summary = {"round": best["round"], "val": best["val"], "test": test["report"] if test else None,
@@ -223,9 +269,13 @@ def finish(ctx: RoundContext, best: dict[str, Any], parent: Tracker) -> dict[str
         if test:
             parent.log_metrics({f"test_{k}": v for k, v in _scalars(test["report"]).items()}, step=0)
             _log_eval(ctx, parent, test, ctx.out, "test")
+            _log_umap(ctx, parent, test)
         parent.set_tags({"best_round": best["round"]})
-        provenance = {"loss": ctx.cfg.finetune.loss, "pretrained": str(ctx.pretrained.source)}
-        layout.write_bundle(ctx.out / layout.BUNDLE_DIR, TrainedModel(ctx.spec, best["state"], ctx.out, summary, provenance))
+        _log_calibration(parent, calibration, ctx.out)
+        provenance = {"loss": ctx.cfg.finetune.loss, "pretrained": str(ctx.pretrained.source),
+                      "finetune_run": str(ctx.out.resolve()), "mlflow_run_id": parent.run_id, "tracking_uri": parent.tracking_uri}
+        model = TrainedModel(ctx.spec, best["state"], ctx.out, summary, provenance, calibration["calibration"].as_dict())
+        layout.write_bundle(ctx.out / layout.BUNDLE_DIR, model)
         layout.write_summary(ctx.out, summary)
     if ctx.dist.world_size > 1:
         torch.distributed.barrier()

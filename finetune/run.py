@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shutil
 from pathlib import Path
 
 from finetune.data import prepare_data
 from finetune.genes import read_query_genes
 from finetune.rounds import RoundContext, finish, run_rounds
 from hiceller.config import RunConfig, load_config, override_keys
-from hiceller.errors import InputError
+from hiceller.paths import check_output_dir
+from hiceller.errors import HicellerError, InputError
 from pretrain.distributed import setup_distributed
-from pretrain.layout import BUNDLE_DIR, ModelSpec, load_trained
-from pretrain.tracking import Tracker
+from pretrain.layout import BUNDLE_DIR, ModelSpec, load_trained, run_folder_of
+from pretrain.tracking import Tracker, resolve_tracking_uri, run_id_of
 
 __all__ = ["follow_pretrained", "run_finetune"]
 
@@ -30,8 +32,7 @@ def _check_args(args: argparse.Namespace) -> set[str] | None:
     """Everything about the command line that can be refused before any work; the query's genes."""
     if not 0 <= args.min_gene_overlap <= 1:
         raise InputError(f"--min-gene-overlap must be in [0, 1], got {args.min_gene_overlap}")
-    if args.out.exists() and any(args.out.iterdir()):
-        raise InputError(f"run folder {args.out} is not empty; choose a new --out")
+    check_output_dir(args.out, "--out", must_be_empty=True)
     if args.h5ad is not None and not args.h5ad.is_file():
         raise InputError(f"{args.h5ad}: file does not exist")
     if not args.pretrained.exists():
@@ -80,6 +81,13 @@ def _print_result(out: Path, summary: dict) -> None:
         print(f"test: accuracy {t['accuracy']:.3f}, macro-F1 {t['macro_f1']:.3f}, rare-class F1 {rare}", flush=True)
 
 
+def _pretraining_run(pretrained, args: argparse.Namespace) -> str | None:
+    """The MLflow run of the pretraining run folder the weights come from, when it logs to the same
+    store: the fine-tuning run is nested under it, so one UI shows a pretraining with its fine-tunings."""
+    folder = run_folder_of(pretrained.source)
+    return None if folder is None else run_id_of(folder, resolve_tracking_uri(args.tracking_uri, args.out))
+
+
 def run_finetune(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     query_genes = _check_args(args)
@@ -88,9 +96,17 @@ def run_finetune(args: argparse.Namespace) -> int:
     dist = setup_distributed()
     if dist.is_main:
         args.out.mkdir(parents=True, exist_ok=True)
-    data = prepare_data(args, cfg, pretrained.spec.vocab, dist, args.out, query_genes)
+    try:
+        data = prepare_data(args, cfg, pretrained.spec.vocab, dist, args.out, query_genes)
+    except HicellerError:
+        # Refused before any training: leave --out as empty as it was, so the fixed command can re-run into it.
+        if dist.is_main:
+            for child in args.out.iterdir():
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+        raise
     ctx = RoundContext(cfg, dist, data, pretrained, args.out, progress=not args.no_progress)
-    parent = Tracker(args.out, enabled=dist.is_main, tracking_uri=args.tracking_uri, run_name=f"finetune-{args.tissue or 'all'}")
+    parent = Tracker(args.out, enabled=dist.is_main, tracking_uri=args.tracking_uri, run_name=f"finetune-{args.tissue or 'all'}",
+                     parent_run_id=_pretraining_run(pretrained, args))
     if dist.is_main:
         _announce(ctx, parent, args)
     status = "FAILED"

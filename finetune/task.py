@@ -139,10 +139,11 @@ class ClassifierTask(nn.Module):
 
 @torch.no_grad()
 def predict_logits(task: ClassifierTask, batches, device: torch.device) -> dict[str, np.ndarray]:
-    """Logits, cell embeddings and joinids of every cell in ``batches`` (eval mode, no noise)."""
+    """Logits, cell embeddings, joinids, labels and genes read per cell of every cell in ``batches``
+    (eval mode, no noise)."""
     was = task.training
     task.eval()
-    logits, embs, jids, labels = [], [], [], []
+    logits, embs, jids, labels, genes = [], [], [], [], []
     try:
         for b in batches:
             b = b.to(device)
@@ -151,6 +152,7 @@ def predict_logits(task: ClassifierTask, batches, device: torch.device) -> dict[
             embs.append(emb.float().cpu())
             jids.append(b.joinids.cpu())
             labels.append(b.labels.cpu())
+            genes.append((b.seqlens - 1).cpu())  # tokens minus <cls>
     finally:
         task.train(was)
     return {
@@ -158,4 +160,5 @@ def predict_logits(task: ClassifierTask, batches, device: torch.device) -> dict[
         "embeddings": torch.cat(embs).numpy(),
         "joinids": torch.cat(jids).numpy(),
         "labels": torch.cat(labels).numpy(),
+        "n_genes": torch.cat(genes).numpy(),
     }

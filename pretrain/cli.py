@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 from pathlib import Path
 
 from hiceller.errors import InputError
-from pretrain.tracking import default_tracking_uri
+from pretrain.tracking import RUN_ID_FILE, resolve_tracking_uri
 
 __all__ = ["register", "add_pretrain_args"]
 
@@ -36,8 +37,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_pretrain_args(p)
     p.set_defaults(func=_pretrain)
 
-    p = sub.add_parser("ui", help="serve the MLflow UI of a run folder (or tracking URI) on 127.0.0.1")
-    p.add_argument("--run", type=str, default=None, help="run folder (uses its mlflow.db)")
+    p = sub.add_parser("ui", help="serve the MLflow UI of this workspace (or of a run folder / tracking URI) on 127.0.0.1",
+                       description="Every command logs to one tracking store (pretrain/tracking.py): --tracking-uri, "
+                       "else MLFLOW_TRACKING_URI, else ./mlflow.db of the workspace ($HICELLER_WORKSPACE or here).")
+    p.add_argument("--run", type=Path, default=None, help="a run folder: the store it logs to")
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--port", type=int, default=5000)
     p.set_defaults(func=_ui)
@@ -49,16 +52,26 @@ def _pretrain(args: argparse.Namespace) -> int:
     return run_pretrain(args)
 
 
+def _port_taken(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
 def _ui(args: argparse.Namespace) -> int:
-    if args.tracking_uri:
-        uri = args.tracking_uri
-    elif args.run:
-        if not (Path(args.run) / "mlflow.db").is_file():
-            raise InputError(f"{args.run} has no mlflow.db (is it a run folder?)")
-        uri = default_tracking_uri(Path(args.run))
-    else:
-        raise InputError("give --run RUN_DIR or --tracking-uri URI")
+    if args.run is not None and not (args.run / RUN_ID_FILE).is_file():
+        raise InputError(f"{args.run} has no MLflow run (is it a HiCeller run folder?)")
+    uri = resolve_tracking_uri(args.tracking_uri, args.run)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        raise InputError(f"no tracking store at {uri} (run a command here first, or give --run / --tracking-uri)")
+    if not 0 < args.port < 65536:
+        raise InputError(f"--port must be in 1-65535, got {args.port}")
+    if _port_taken(args.port):
+        raise InputError(f"port {args.port} on 127.0.0.1 is in use; choose another with --port")
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(args.port)]
-    print(f"MLflow UI on http://127.0.0.1:{args.port} (Ctrl-C to stop)", flush=True)
+    print(f"MLflow UI of {uri} on http://127.0.0.1:{args.port} (Ctrl-C to stop)", flush=True)
     os.execv(sys.executable, cmd)
     return 0

@@ -51,7 +51,7 @@ __all__ = [
     "ModelSpec", "TrainedModel",
     "tag_for", "checkpoint_root", "list_checkpoints", "latest_complete", "resolve_checkpoint",
     "write_json_atomic", "mark_complete", "prune", "write_run_files", "write_spec", "read_spec", "read_run_config",
-    "round_name", "round_dir", "write_summary", "read_summary", "best_round_dir", "bundle_of",
+    "round_name", "round_dir", "write_summary", "read_summary", "best_round_dir", "bundle_of", "run_folder_of",
     "write_bundle", "verify_bundle", "load_bundle", "load_trained", "consolidate",
 ]
 
@@ -277,6 +277,12 @@ def best_round_dir(path: Path) -> tuple[Path, dict[str, Any]]:
     if (path / "val_metrics.json").is_file():
         metrics = {"val": json.loads((path / "val_metrics.json").read_text())}
     return path, metrics
+
+
+def run_folder_of(path: Path) -> Path | None:
+    """The run folder a checkpoint folder belongs to (None for anything else, e.g. a bundle)."""
+    path = Path(path)
+    return path.parent.parent if path.parent.name == CHECKPOINT_DIR else None
 
 
 def bundle_of(path: Path) -> Path:

@@ -33,11 +33,11 @@ from typing import TYPE_CHECKING, Any
 import psutil
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from hiceller.config import RunConfig
 from hiceller.errors import HicellerError
 from hiceller.parallel_dims import BatchDims
+from hiceller.progress import stage_bar
 from pretrain import layout
 from pretrain.attention import resolve_backend_for
 from pretrain.distributed import DistInfo
@@ -251,7 +251,7 @@ def train(
     result = LoopResult(step=step, setup=setup)
     bar = None
     if dist.is_main and progress:
-        bar = tqdm(total=cfg.train.steps, initial=step, desc=f"{log_prefix}train", unit="step", mininterval=1.0)
+        bar = stage_bar(cfg.train.steps, f"{log_prefix}train", "steps", initial=step)
     steps_this_run, t_last = 0, time.perf_counter()
     while step < cfg.train.steps:
         torch.manual_seed(micro_seed(cfg.train.seed, step, 0, 10_000 + dist.rank))  # dropout, reproducibly

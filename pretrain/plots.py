@@ -7,7 +7,7 @@ from pathlib import Path
 __all__ = ["plot_loss_curve"]
 
 
-def plot_loss_curve(rows: list[dict], path: Path) -> Path:
+def plot_loss_curve(rows: list[dict], path: Path, ylabel: str = "masked-expression loss (MSE, bins)") -> Path:
     """Loss per step (and its running mean) from metrics.jsonl rows."""
     import matplotlib
 
@@ -24,7 +24,7 @@ def plot_loss_curve(rows: list[dict], path: Path) -> Path:
         smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
         ax.plot(steps[k - 1 :], smooth, lw=1.8, label=f"mean of {k}")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("masked-expression loss (MSE, bins)")
+    ax.set_ylabel(ylabel)
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend()

@@ -1,8 +1,19 @@
 """MLflow tracking for a run, on rank 0 only (other ranks get a tracker that does nothing).
 
-Default tracking URI: a SQLite file in the run folder (``sqlite:///RUN/mlflow.db``), artifacts in
-``RUN/mlruns``; ``--tracking-uri`` points at a server instead. The run id is kept in
-``RUN/mlflow_run_id`` so a resumed run logs into the same MLflow run.
+One MLflow home for everything a project does: pretraining, fine-tuning with its rounds, export
+and registration, evaluation all log to the same tracking store, so one `hiceller ui` shows a
+pretraining run with the fine-tuning runs built on it (nested under it) and the models exported
+from them. The store is, first match wins:
+
+1. ``--tracking-uri`` of the command;
+2. the store a run folder already logs to (``RUN/mlflow_tracking_uri``; run folders written before
+   it logged to ``RUN/mlflow.db``), so a resumed run continues its own MLflow run;
+3. ``MLFLOW_TRACKING_URI``;
+4. the workspace's SQLite file: ``$HICELLER_WORKSPACE/mlflow.db``, or ``./mlflow.db`` in the
+   directory the command runs in (MLflow's own default), artifacts in ``mlruns/`` beside it.
+
+The run id is kept in ``RUN/mlflow_run_id``. The experiment is tagged as model training, so MLflow 3
+opens it in its training view rather than the GenAI one.
 """
 
 from __future__ import annotations
@@ -13,19 +24,70 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Tracker", "default_tracking_uri"]
+__all__ = ["Tracker", "experiment_id", "resolve_tracking_uri", "run_id_of", "workspace_tracking_uri"]
 
 EXPERIMENT = "hiceller"
+WORKSPACE_ENV = "HICELLER_WORKSPACE"
+RUN_ID_FILE = "mlflow_run_id"
+URI_FILE = "mlflow_tracking_uri"
+_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
-def default_tracking_uri(run_dir: Path) -> str:
-    return f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}"
+def workspace_tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI``, else the workspace's SQLite file (module docstring)."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    home = Path(os.environ.get(WORKSPACE_ENV) or Path.cwd())
+    return f"sqlite:///{(home / 'mlflow.db').resolve()}"
+
+
+def _recorded_uri(run_dir: Path) -> str | None:
+    """The store a run folder logs to, when it already has an MLflow run."""
+    run_dir = Path(run_dir)
+    if (run_dir / URI_FILE).is_file():
+        return (run_dir / URI_FILE).read_text().strip()
+    if (run_dir / RUN_ID_FILE).is_file() and (run_dir / "mlflow.db").is_file():
+        return f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"  # the layout before one MLflow home
+    return None
+
+
+def resolve_tracking_uri(explicit: str | None, run_dir: Path | None = None) -> str:
+    """The tracking store for a command (module docstring, in that order)."""
+    return explicit or (run_dir is not None and _recorded_uri(run_dir)) or workspace_tracking_uri()
+
+
+def run_id_of(run_dir: Path, tracking_uri: str) -> str | None:
+    """The MLflow run of a run folder, when it logs to ``tracking_uri`` (links between runs)."""
+    run_dir = Path(run_dir)
+    if (run_dir / RUN_ID_FILE).is_file() and _recorded_uri(run_dir) == tracking_uri:
+        return (run_dir / RUN_ID_FILE).read_text().strip()
+    return None
+
+
+def _artifact_root(uri: str) -> str | None:
+    """Artifacts beside a SQLite store (never in the caller's working directory); a server decides its own."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "mlruns").resolve().as_uri()
+    return None
 
 
 def _quiet_mlflow() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     for name in ("mlflow", "alembic", "sqlalchemy"):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def experiment_id(client, tracking_uri: str, name: str = EXPERIMENT) -> str:
+    """The experiment's id, created (tagged as model training, artifacts beside the store) when new."""
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        exp_id = client.create_experiment(name, artifact_location=_artifact_root(tracking_uri))
+    else:
+        exp_id = exp.experiment_id
+    if exp is None or exp.tags.get(_KIND[0]) != _KIND[1]:
+        client.set_experiment_tag(exp_id, *_KIND)
+    return exp_id
 
 
 class Tracker:
@@ -39,7 +101,7 @@ class Tracker:
         run_name: str | None = None,
         experiment: str = EXPERIMENT,
         parent_run_id: str | None = None,
-        id_file: str = "mlflow_run_id",
+        id_file: str = RUN_ID_FILE,
     ):
         self.enabled = enabled
         self.run_id: str | None = None
@@ -49,16 +111,9 @@ class Tracker:
         _quiet_mlflow()
         import mlflow
 
-        self.mlflow = mlflow
-        self.tracking_uri = tracking_uri or default_tracking_uri(run_dir)
-        mlflow.set_tracking_uri(self.tracking_uri)
-        exp = mlflow.get_experiment_by_name(experiment)
-        if exp is None:
-            artifacts = None if tracking_uri else (self.run_dir.resolve() / "mlruns").as_uri()
-            exp_id = mlflow.create_experiment(experiment, artifact_location=artifacts)
-        else:
-            exp_id = exp.experiment_id
+        self.tracking_uri = resolve_tracking_uri(tracking_uri, self.run_dir)
         self.client = mlflow.MlflowClient(self.tracking_uri)
+        self.experiment_id = experiment_id(self.client, self.tracking_uri, experiment)
         id_path = self.run_dir / id_file
         if id_path.is_file():
             self.run_id = id_path.read_text().strip()
@@ -66,10 +121,10 @@ class Tracker:
             tags = {"mlflow.runName": run_name or self.run_dir.name}
             if parent_run_id:
                 tags["mlflow.parentRunId"] = parent_run_id
-            self.run_id = self.client.create_run(exp_id, tags=tags).info.run_id
+            self.run_id = self.client.create_run(self.experiment_id, tags=tags).info.run_id
             id_path.parent.mkdir(parents=True, exist_ok=True)
             id_path.write_text(self.run_id)
-        self.experiment_id = exp_id
+            (self.run_dir / URI_FILE).write_text(self.tracking_uri)
 
     def child(self, run_dir: Path, run_name: str, id_file: str) -> "Tracker":
         if not self.enabled:

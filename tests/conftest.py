@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -10,6 +12,11 @@ import pytest
 # Paths only: importing tests/_fixtures here would load anndata and tiledbsoma into every session.
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+# Every command logs to the workspace's MLflow store (pretrain/tracking.py): for the test session
+# that is a folder of its own, never ./mlflow.db of the checkout (subprocesses inherit it).
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ["HICELLER_WORKSPACE"] = tempfile.mkdtemp(prefix="hiceller-test-workspace-")
 
 
 @pytest.fixture(scope="session")

@@ -152,8 +152,9 @@ def test_evaluate_group_by_tables_and_mlflow(in_process, tmp_path) -> None:
     assert rc == 0 and "metrics by donor" in stdout and (out / "metrics_by_donor.csv").is_file()
     import mlflow
 
-    client = mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
-    runs = {r.data.params["group_by"]: r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])}
+    client = mlflow.MlflowClient((out / "mlflow_tracking_uri").read_text())
+    runs = {r.data.params["group_by"]: r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
+            if "group_by" in r.data.params and r.data.params["input"] == str(query)}
     assert set(runs) == {"disease", "donor"} and "macro_f1" in runs["disease"].data.metrics
     got = client.download_artifacts(runs["disease"].info.run_id, "metrics_by_disease.json", str(tmp_path))
     logged = json.loads(Path(got).read_text())

@@ -73,9 +73,9 @@ def test_finetune_run_layout_and_mlflow(world):
     assert set(hard["role"]) <= {"hard", "replay"} and len(hard) > 0
     import mlflow
 
-    client = mlflow.MlflowClient(f"sqlite:///{ft / 'mlflow.db'}")
+    client = mlflow.MlflowClient((ft / "mlflow_tracking_uri").read_text())
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    parent = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    parent = [client.get_run((ft / "mlflow_run_id").read_text().strip())]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
     assert len(parent) == 1 and {c.data.tags["mlflow.runName"] for c in children} == {"phase1", "round1"}
     assert "best_round" in parent[0].data.metrics and "val_macro_f1" in children[0].data.metrics
@@ -88,6 +88,17 @@ def test_finetune_run_layout_and_mlflow(world):
         assert seen and max(seen) <= scale * lr * (1 + 1e-6), name
     split = pd.read_parquet(ft / "split.parquet")
     assert set(split["split"]) >= {"train", "val"}
+    # One MLflow home: the fine-tuning run is nested under the pretraining run it started from, in
+    # an experiment MLflow 3 opens as model training; every round has its pictures.
+    pre_run = (world["pre"] / "mlflow_run_id").read_text().strip()
+    assert parent[0].data.tags["mlflow.parentRunId"] == pre_run
+    assert client.get_experiment(parent[0].info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    for name in ("phase1", "round1"):
+        for picture in ("loss_curve.png", "val_confusion.png", "val_per_class_f1.png"):
+            assert (ft / name / picture).is_file(), (name, picture)
+    assert (ft / "val_reliability.png").is_file()
+    cal = json.loads((ft / "model" / "calibration.json").read_text())
+    assert cal["temperature"] > 0 and 0 <= cal["min_confidence"] < 1 and len(cal["centroids"]) == len(json.loads((ft / "model" / "labels.json").read_text())["names"])
 
 
 def test_export_equals_run_bundle_and_is_verified(world, tmp_path):
@@ -120,7 +131,8 @@ def test_annotate_round_trip_counts_and_logexpr(world, tmp_path):
     assert list(b.obs["celler_label"].astype(str)) == list(a.obs["celler_label"].astype(str))
     np.testing.assert_allclose(b.obsm["X_celler"], a.obsm["X_celler"], atol=1e-4)
     c = Annotator.load(bundle).annotate(ad.read_h5ad(counts), min_confidence=1.0)
-    assert set(c.obs["celler_label"].astype(str)) == {UNASSIGNED}
+    kept = c.obs["celler_label"].astype(str) != UNASSIGNED  # only cells at confidence 1 (float32) keep a label
+    assert (c.obs["celler_confidence"][kept] >= 1.0).all() and (c.obs["celler_unassigned_reason"][~kept] != "assigned").all()
 
 
 def test_evaluate_json(world, tmp_path):
@@ -351,9 +363,11 @@ def test_finetune_on_two_ranks(world, tmp_path):
     assert len((two / "round1" / "metrics.jsonl").read_text().splitlines()) >= 1
     import mlflow
 
-    client = mlflow.MlflowClient(f"sqlite:///{two / 'mlflow.db'}")
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    assert sorted(r.data.tags.get("mlflow.runName") for r in runs) == sorted(["finetune-" + world["tissue"], "phase1", "round1"])
+    client = mlflow.MlflowClient((two / "mlflow_tracking_uri").read_text())
+    parent = (two / "mlflow_run_id").read_text().strip()
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], f"tags.mlflow.parentRunId = '{parent}'")
+    assert client.get_run(parent).data.tags["mlflow.runName"] == "finetune-" + world["tissue"]
+    assert sorted(r.data.tags.get("mlflow.runName") for r in runs) == ["phase1", "round1"]
     q = query_h5ad(tmp_path / "q.h5ad", world["tissue"], n=40)
     out = Annotator.load(two / "model").annotate(ad.read_h5ad(q))
     assert out.obsm["X_celler"].shape == (40, b2.spec.model_cfg.d_model) and out.obs["celler_label"].notna().all()

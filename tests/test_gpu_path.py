@@ -228,8 +228,9 @@ def test_bf16_autocast_zero2_run_logs_its_setup(tmp_path) -> None:
     assert "attention sdpa, optimizer torch_adamw, autocast True" in proc.stdout
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and all(r["loss"] == r["loss"] for r in rows)
-    with sqlite3.connect(out / "mlflow.db") as db:
-        tags = dict(db.execute("select key, value from tags"))
+    run_id = (out / "mlflow_run_id").read_text().strip()
+    with sqlite3.connect((out / "mlflow_tracking_uri").read_text().removeprefix("sqlite:///")) as db:
+        tags = dict(db.execute("select key, value from tags where run_uuid = ?", (run_id,)))
     assert tags["attention_backend"] == "sdpa" and tags["optimizer"] == "torch_adamw" and tags["autocast"] == "True"
 
 

@@ -72,7 +72,8 @@ def test_loss_decreases_and_resume_is_exact(store, tmp_path):
     assert last < 0.8 * first, (first, last)
     # MLflow run, loss curve artifact, checkpoints kept
     run = tmp_path / "full"
-    assert (run / "loss_curve.png").is_file() and (run / "mlflow.db").is_file()
+    assert (run / "loss_curve.png").is_file() and (run / "mlflow_run_id").is_file()
+    assert (run / "mlflow_tracking_uri").read_text() == f"sqlite:///{Path(os.environ['HICELLER_WORKSPACE']).resolve() / 'mlflow.db'}"
     cps = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
     assert cps == ["step_00000016", "step_00000024"]  # keep_last = 2 in the debug preset
 
