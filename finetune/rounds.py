@@ -31,6 +31,7 @@ from finetune.metrics import labelled_report, softmax, write_eval_artifacts
 from finetune.mining import BestRoundTracker, HardMiner, HardMiningRule
 from finetune.plots import plot_per_class_f1, plot_reliability, plot_umap
 from finetune.task import ClassifierTask, predict_logits
+from hiceller import __version__
 from hiceller.config import RunConfig
 from hiceller.errors import HicellerError
 from pretrain import layout
@@ -272,8 +273,9 @@ def finish(ctx: RoundContext, best: dict[str, Any], parent: Tracker) -> dict[str
             _log_umap(ctx, parent, test)
         parent.set_tags({"best_round": best["round"]})
         _log_calibration(parent, calibration, ctx.out)
-        provenance = {"loss": ctx.cfg.finetune.loss, "pretrained": str(ctx.pretrained.source),
-                      "finetune_run": str(ctx.out.resolve()), "mlflow_run_id": parent.run_id, "tracking_uri": parent.tracking_uri}
+        provenance = {"loss": ctx.cfg.finetune.loss, "pretrained": str(ctx.pretrained.source), "store": ctx.data.store_uri,
+                      "finetune_run": str(ctx.out.resolve()), "mlflow_run_id": parent.run_id, "tracking_uri": parent.tracking_uri,
+                      "hiceller_version": __version__, "torch_version": torch.__version__}
         model = TrainedModel(ctx.spec, best["state"], ctx.out, summary, provenance, calibration["calibration"].as_dict())
         layout.write_bundle(ctx.out / layout.BUNDLE_DIR, model)
         layout.write_summary(ctx.out, summary)

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
+import warnings
 
 from hiceller.errors import HicellerError
 
@@ -28,11 +30,28 @@ def build_parser() -> argparse.ArgumentParser:
     from hiceller import __version__
 
     parser.add_argument("--version", action="version", version=f"hiceller {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show the libraries' own warnings and INFO lines")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for pkg in _PACKAGES:
         importlib.import_module(f"{pkg}.cli").register(sub)
     return parser
+
+
+def quiet_libraries(verbose: bool) -> None:
+    """Hide what the libraries print for their developers (torch.distributed FutureWarnings, MLflow's
+    colour-coded warnings and download bars, DeepSpeed INFO), unless -v; the launcher's ranks inherit
+    the choice through HICELLER_VERBOSE."""
+    if verbose:
+        os.environ["HICELLER_VERBOSE"] = "1"
+        return
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    for module in ("mlflow", "umap", "sklearn", "anndata", "celltypist"):
+        warnings.filterwarnings("ignore", module=rf"{module}(\..*)?")
+    for name in ("DeepSpeed", "mlflow", "alembic", "py.warnings"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def run_handler(args: argparse.Namespace) -> int:
@@ -56,6 +75,7 @@ def module_main(command: str, description: str, add_args, func, argv: list[str] 
     p = argparse.ArgumentParser(prog=f"python -m {command}", description=description)
     add_args(p)
     p.set_defaults(func=func, command=command)
+    quiet_libraries(os.environ.get("HICELLER_VERBOSE") == "1")
     return run_handler(p.parse_args(argv))
 
 
@@ -63,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     # Quiet the libraries that print banners at import time; our own messages say what happens.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     args = build_parser().parse_args(argv)
+    quiet_libraries(args.verbose)
     return run_handler(args)
 
 
