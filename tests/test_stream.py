@@ -275,3 +275,21 @@ def test_gene_map_translates_store_genes_to_the_model_vocabulary(store_uri):
             got = sorted(m.gene_ids[cu[i] + 1 : cu[i + 1]].numpy() - N_SPECIAL)
             want = sorted(gene_map[g] for g in cell_genes(j) if gene_map[g] >= 0)
             assert got == want
+
+
+def test_whole_store_fingerprint_is_its_ranges_and_old_states_still_resume(store_uri):
+    """A whole-store selection is fingerprinted by its ranges (no hash of every joinid at start-up);
+    a loader state saved when the fingerprint hashed every joinid still loads."""
+    from data_store.stream import _legacy_fingerprint
+
+    s = make(store_uri, world_size=2, rank=1)
+    assert s._selection.is_ranges
+    state = {**s.state_dict(), "position": 3, "fingerprint": _legacy_fingerprint(CorpusStore.open(store_uri), s._selection)}
+    assert state["fingerprint"] != s.fingerprint
+    fresh = make(store_uri, world_size=2, rank=1)
+    fresh.load_state_dict(state)
+    assert joinids_of(fresh) == joinids_of(list(make(store_uri, world_size=2, rank=1))[3:])
+    filtered = make(store_uri, world_size=2, rank=1, datasets=["ds0", "ds1", "ds2"])  # the same cells, as an array
+    assert not filtered._selection.is_ranges and filtered.fingerprint == state["fingerprint"]
+    with pytest.raises(HicellerError, match="store selection"):
+        make(store_uri, world_size=2, rank=1).load_state_dict({**state, "fingerprint": "0" * 16})
