@@ -117,6 +117,10 @@ def _ingest(args: argparse.Namespace) -> int:
         raise InputError(f"--chunk-nnz must be >= 1, got {args.chunk_nnz}")
     if bool(args.files) == bool(args.manifest):
         raise InputError("give either .h5ad files or --manifest FILE.tsv")
+    if "://" not in args.store:  # a local store must be writable before any file is read
+        from hiceller.paths import check_output_dir
+
+        check_output_dir(Path(args.store), "--store")
     if args.manifest and args.dataset_id:
         raise InputError("--dataset-id names one file; a manifest has a dataset_id column")
     opts = IngestOptions(

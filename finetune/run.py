@@ -81,6 +81,14 @@ def _print_result(out: Path, summary: dict) -> None:
         print(f"test: accuracy {t['accuracy']:.3f}, macro-F1 {t['macro_f1']:.3f}, rare-class F1 {rare}", flush=True)
 
 
+def _empty(folder: Path, remove: bool) -> None:
+    if remove:
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    for child in folder.iterdir():
+        shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+
 def _pretraining_run(pretrained, args: argparse.Namespace) -> str | None:
     """The MLflow run of the pretraining run folder the weights come from, when it logs to the same
     store: the fine-tuning run is nested under it, so one UI shows a pretraining with its fine-tunings."""
@@ -94,15 +102,15 @@ def run_finetune(args: argparse.Namespace) -> int:
     pretrained = load_trained(args.pretrained)
     cfg = follow_pretrained(cfg, pretrained.spec, args.overrides)
     dist = setup_distributed()
+    created = not args.out.exists()
     if dist.is_main:
         args.out.mkdir(parents=True, exist_ok=True)
     try:
         data = prepare_data(args, cfg, pretrained.spec.vocab, dist, args.out, query_genes)
     except HicellerError:
-        # Refused before any training: leave --out as empty as it was, so the fixed command can re-run into it.
+        # Refused before any training: leave --out as it was, so the fixed command can re-run into it.
         if dist.is_main:
-            for child in args.out.iterdir():
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
+            _empty(args.out, remove=created)
         raise
     ctx = RoundContext(cfg, dist, data, pretrained, args.out, progress=not args.no_progress)
     parent = Tracker(args.out, enabled=dist.is_main, tracking_uri=args.tracking_uri, run_name=f"finetune-{args.tissue or 'all'}",

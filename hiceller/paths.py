@@ -9,6 +9,7 @@ so a failure leaves nothing half-written (see pretrain/layout.py for bundles).
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 from hiceller.errors import InputError
@@ -24,12 +25,18 @@ def _nearest_existing(path: Path) -> Path:
 
 
 def check_writable(path: Path, flag: str) -> None:
-    """``path`` can be created or written: its nearest existing ancestor is a writable folder."""
+    """``path`` can be created or written: its nearest existing ancestor is a folder a file can be
+    created in (tried for real: permission bits say nothing for root or on a read-only mount)."""
     anchor = _nearest_existing(Path(path).parent if not Path(path).is_dir() else Path(path))
     if not anchor.is_dir():
         raise InputError(f"{flag} {path}: {anchor} is a file, not a folder")
-    if not os.access(anchor, os.W_OK | os.X_OK):
-        raise InputError(f"{flag} {path}: {anchor} is not writable")
+    try:
+        if not os.access(anchor, os.W_OK | os.X_OK):
+            raise PermissionError
+        with tempfile.TemporaryFile(dir=anchor, prefix=".hiceller-write-check-"):
+            pass
+    except OSError:
+        raise InputError(f"{flag} {path}: {anchor} is not writable") from None
 
 
 def check_output_file(path: Path, flag: str, inputs: tuple[Path, ...] = (), overwrite: bool = True, suffix: str | None = None) -> None:

@@ -89,6 +89,14 @@ def _copy_query(d: Path) -> None:
     make_h5ad(d / "in.h5ad", 10, [f"SYN{i:05d}" for i in range(200)])
 
 
+def _labelled_unknown_genes(d: Path) -> None:
+    make_h5ad(d / "in.h5ad", 30, [f"NOT_A_GENE_{i}" for i in range(20)])
+
+
+def _folder(d: Path) -> None:
+    (d / "outdir").mkdir()
+
+
 def _bad_toml(d: Path) -> None:
     (d / "cfg.toml").write_text("[model]\nd_model = 64\nn_layers = 2\nn_heads = [\n")
 
@@ -134,6 +142,9 @@ CASES: list[Case] = [
     C("finetune-pretrained-missing", ("finetune", "--store", "{store}", "--pretrained", "nope", "--tissue", "{tissue}", "--out", "run", "--no-progress"), "--pretrained nope does not exist", ("run",)),
     C("finetune-bad-label-column", ("finetune", "--store", "{store}", "--pretrained", "{pre}", "--tissue", "{tissue}", "--label-column", "celltype", "--out", "run", "--no-progress"), "no label column 'celltype'", ("run",)),
     C("finetune-architecture-override", ("finetune", "--store", "{store}", "--pretrained", "{pre}", "--tissue", "{tissue}", "--out", "run", "--set", "model.d_model=128", "--no-progress"), "architecture comes from the pretrained model", ("run",)),
+    C("finetune-unknown-holdout-donor", ("finetune", "--store", "{store}", "--pretrained", "{pre}", "--tissue", "{tissue}", "--holdout-donors", "nobody", "--out", "run", "--no-progress"), "held-out donors not found", ("run",)),
+    C("finetune-h5ad-no-gene-overlap", ("finetune", "--h5ad", "in.h5ad", "--pretrained", "{pre}", "--out", "run", "--no-progress"), "are in the pretrained vocabulary", ("run",), _labelled_unknown_genes),
+    C("finetune-out-not-writable", ("finetune", "--store", "{store}", "--pretrained", "{pre}", "--tissue", "{tissue}", "--out", "/proc/hiceller/run", "--no-progress"), "/proc is not writable"),
     C("finetune-zero-epochs", ("finetune", "--store", "{store}", "--pretrained", "{pre}", "--tissue", "{tissue}", "--out", "run", "--set", "finetune.epochs=0", "--no-progress"), "finetune.epochs: must be >= 1", ("run",)),
     # launch
     C("launch-node-rank-too-big", ("launch", "--store", "{store}", "--out", "run", "--hostfile", "{in}/hosts2", "--nodes", "2", "--no-ssh", "--node-rank", "2", "--master-addr", "node0"), "--node-rank 2 is outside 0..1", ("run",)),
@@ -145,9 +156,13 @@ CASES: list[Case] = [
     # export
     C("export-pretraining-checkpoint", ("export", "--checkpoint", "{pre}", "--out", "bundle", "--no-mlflow"), "fine-tune it first", ("bundle",)),
     C("export-missing-checkpoint", ("export", "--checkpoint", "nockpt", "--out", "bundle", "--no-mlflow"), "--checkpoint nockpt does not exist", ("bundle",)),
+    C("export-out-not-writable", ("export", "--checkpoint", "{ft}", "--out", "/proc/hiceller/bundle", "--no-mlflow"), "/proc is not writable"),
     C("export-over-existing-bundle", ("export", "--checkpoint", "{ft}", "--out", "{bundle}", "--no-mlflow"), "already exists", ()),
     # annotate
     C("annotate-output-is-input", ("annotate", "--model", "{bundle}", "--input", "in.h5ad", "--output", "in.h5ad", "--no-progress"), "is the input file", (), _copy_query),
+    C("annotate-output-is-folder", ("annotate", "--model", "{bundle}", "--input", "{in}/query.h5ad", "--output", "outdir", "--no-progress"), "is a folder; name a file", (), _folder),
+    C("annotate-output-not-writable", ("annotate", "--model", "{bundle}", "--input", "{in}/query.h5ad", "--output", "/proc/hiceller/o.h5ad", "--no-progress"), "/proc is not writable"),
+    C("annotate-plot-not-writable", ("annotate", "--model", "{bundle}", "--input", "{in}/query.h5ad", "--output", "o.h5ad", "--plot", "/proc/hiceller/umap.png", "--no-progress"), "/proc is not writable", ("o.h5ad",)),
     C("annotate-empty-query", ("annotate", "--model", "{bundle}", "--input", "{in}/empty.h5ad", "--output", "o.h5ad", "--no-progress"), "zero cells", ("o.h5ad",)),
     C("annotate-tampered-bundle", ("annotate", "--model", "{in}/tampered", "--input", "{in}/query.h5ad", "--output", "o.h5ad", "--no-progress"), "checksum mismatch for labels.json", ("o.h5ad",)),
     C("annotate-zero-gene-overlap", ("annotate", "--model", "{bundle}", "--input", "{in}/other_genes.h5ad", "--output", "o.h5ad", "--no-progress"), "gene overlap too small", ("o.h5ad",)),
@@ -159,10 +174,36 @@ CASES: list[Case] = [
     C("evaluate-missing-label-column", ("evaluate", "--model", "{ft}", "--input", "{in}/query.h5ad", "--label-column", "truth", "--out", "ev"), "no label column 'truth'", ("ev",)),
     C("evaluate-missing-file", ("evaluate", "--model", "{ft}", "--input", "missing.h5ad", "--out", "ev"), "missing.h5ad: file does not exist", ("ev",)),
     C("evaluate-missing-model", ("evaluate", "--model", "nomodel", "--input", "{in}/query.h5ad", "--out", "ev"), "nomodel does not exist", ("ev",)),
+    C("evaluate-out-not-writable", ("evaluate", "--model", "{ft}", "--input", "{in}/query.h5ad", "--out", "/proc/hiceller/ev"), "/proc is not writable"),
+    C("ingest-store-not-writable", ("ingest", "--store", "/proc/hiceller/s", "in.h5ad", "--no-progress"), "/proc is not writable", (), _copy_query),
     C("evaluate-zero-batch-size", ("evaluate", "--model", "{ft}", "--input", "{in}/query.h5ad", "--batch-size", "0", "--out", "ev"), "--batch-size must be >= 1", ("ev",)),
 ]
 
 ENTRY_POINTS = {"ingest", "synth", "info", "pretrain", "finetune", "launch", "export", "annotate", "evaluate"}
+
+
+def test_failed_finetune_reruns_into_the_same_out(world: dict[str, Path], tmp_path: Path) -> None:
+    """A fine-tuning refused after it created --out (the held-out donor does not exist) leaves it as it
+    found it, so the corrected command runs into the same folder."""
+    out = tmp_path / "run"
+    out.mkdir()
+    bad = hc("finetune", "--store", world["store"], "--pretrained", world["pre"], "--tissue", world["tissue"], "--out", out,
+             "--holdout-donors", "nobody", "--no-progress", check=False)
+    assert bad.returncode == 2 and out.is_dir() and not any(out.iterdir()), bad.stderr
+    hc("finetune", "--store", world["store"], "--pretrained", world["pre"], "--tissue", world["tissue"], "--out", out,
+       "--set", "finetune.epochs=1", "--set", "finetune.mining_rounds=0", "--no-progress")
+    assert (out / "model" / "checksums.sha256").is_file()
+
+
+def test_ui_on_a_busy_port_is_one_line(world: dict[str, Path]) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = hc("ui", "--run", world["pre"], "--port", str(port), check=False, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [f"hiceller ui: error: port {port} on 127.0.0.1 is in use; choose another with --port"]
 
 
 def test_table_covers_every_entry_point():
