@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 
@@ -17,6 +17,14 @@ SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 # that is a folder of its own, never ./mlflow.db of the checkout (subprocesses inherit it).
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ["HICELLER_WORKSPACE"] = tempfile.mkdtemp(prefix="hiceller-test-workspace-")
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_home_per_test() -> Iterator[None]:
+    """mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI (for subprocesses): a command run in
+    this process would otherwise hand its store to every later test's subprocess."""
+    yield
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 @pytest.fixture(scope="session")

@@ -461,7 +461,7 @@ def test_store_path_that_is_not_a_store(tmp_path: Path, kind: str) -> None:
         problem = "is not a TileDB-SOMA experiment"
     elif kind == "file":
         uri.write_text("my notes")
-        problem = "is not a TileDB-SOMA experiment"
+        problem = "is a file; name a folder"
     else:
         soma.Experiment.create(str(uri)).close()
         problem = "is a SOMA experiment but not a HiCeller store"
