@@ -1,7 +1,7 @@
 """`make demo`: the whole HiCeller pipeline on generated data (plus ../shared/data when present).
 
     synth -> ingest -> info -> pretrain (DeepSpeed ZeRO-2, 2 CPU ranks) -> fine-tune one tissue
-    (GInf + 2 hard-mining rounds, one donor held out) -> export -> annotate the held-out donor's
+    (GInf + 2 hard-mining rounds, one donor held out) -> export (registered in MLflow) -> annotate the held-out donor's
     cells -> evaluate -> summary
 
 Each stage runs the real CLI command, as a user would type it, and the command is printed first.
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import shutil
 import subprocess
@@ -72,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     store, pre, ft = out / "store", out / "pretrain", out / "finetune"
     bundle, query, annotated = out / "bundle", out / "heldout_donor.h5ad", out / "heldout_donor_annotated.h5ad"
     out.mkdir(parents=True, exist_ok=True)
+    # One MLflow home for the whole demo, in its output folder (the commands inherit it).
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{(out / 'mlflow.db').resolve()}"
     t0 = time.time()
 
     _run(hc + ["synth", "--store", str(store), "--cells", str(args.cells), "--seed", "0"])
@@ -99,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         + ["--set", "finetune.mining_rounds=2", "--set", "finetune.mining_patience=2"]
         + ["--set", f"data.max_genes={args.finetune_max_genes}", "--set", f"finetune.n_hvg={args.finetune_n_hvg}"]
     )
-    _run(hc + ["export", "--checkpoint", str(ft), "--out", str(bundle), "--force"])
+    _run(hc + ["export", "--checkpoint", str(ft), "--out", str(bundle), "--force", "--register", "celler-demo"])
     print(f"\nthe {n} cells of held-out donor {donor} are in {query}")
     _run(hc + ["annotate", "--model", str(bundle), "--input", str(query), "--output", str(annotated), "--label-column", "cell_type"])
     report = json.loads(_run(hc + ["evaluate", "--model", str(bundle), "--input", str(annotated), "--json"], capture=True).strip().splitlines()[-1])
@@ -110,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  store:       {store}")
     print(f"  bundle:      {bundle}")
     print(f"  annotated:   {annotated}")
-    print(f"  MLflow UI:   {hc[0]} ui --run {pre}      (pretraining)")
-    print(f"               {hc[0]} ui --run {ft}      (fine-tuning: parent run, one child per round)")
+    print(f"  MLflow:      {hc[0]} ui --tracking-uri {os.environ['MLFLOW_TRACKING_URI']}")
+    print("               (pretraining, the fine-tuning nested under it with its rounds, the export; Models: celler-demo)")
     return 0
 
 
