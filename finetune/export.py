@@ -20,6 +20,9 @@ from pretrain.tracking import experiment_id
 
 __all__ = ["export_bundle", "log_pyfunc"]
 
+PYFUNC_ENTRY = Path(__file__).with_name("pyfunc_model.py")
+"""The models-from-code file of the MLflow model (calls ``mlflow.models.set_model``)."""
+
 
 def _run_bundle_extras(run: Path, src: Path) -> tuple[dict | None, dict]:
     """Calibration and provenance of the bundle a fine-tuning run wrote, when ``src`` is its best round
@@ -48,14 +51,16 @@ def export_bundle(checkpoint: Path, out: Path, overwrite: bool = False) -> Path:
 
 
 def log_pyfunc(bundle: Path, tracking_uri: str, register: str | None) -> str:
-    """Log the bundle as an MLflow pyfunc model (registered under ``register`` when given)."""
-    import mlflow
+    """Log the bundle as an MLflow pyfunc model (registered under ``register`` when given).
 
-    from finetune.pyfunc import CellerPyfunc, signature
-
+    Models-from-code: MLflow stores the entry file (finetune/pyfunc_model.py) and the bundle as an
+    artifact, never a pickle of the model object, and the bundle is verified at every load."""
     logging.getLogger("mlflow").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module="mlflow")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    import mlflow
+
+    from finetune.pyfunc import signature
 
     mlflow.set_tracking_uri(tracking_uri)
     exp_id = experiment_id(mlflow.MlflowClient(tracking_uri), tracking_uri)
@@ -66,7 +71,7 @@ def log_pyfunc(bundle: Path, tracking_uri: str, register: str | None) -> str:
                           tags={"kind": "export"}) as run:
         info = mlflow.pyfunc.log_model(
             name="celler",
-            python_model=CellerPyfunc(),
+            python_model=str(PYFUNC_ENTRY),
             artifacts={"bundle": str(Path(bundle).resolve())},
             signature=signature(),
             registered_model_name=register,

@@ -3,6 +3,9 @@
 Input: a cells x genes pandas DataFrame whose columns are gene names (dense or with sparse
 columns), or a scipy sparse matrix with ``params={"genes": [...]}``. Output: a DataFrame with
 ``label``, ``confidence`` and ``embedding`` (a list of floats per cell).
+
+Logged as models-from-code (finetune/pyfunc_model.py), never pickled: the logged model holds that
+file and the bundle as its ``bundle`` artifact, verified against its checksums at every load.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ def frame_to_anndata(data: Any, genes: list[str] | None = None):
 
 class CellerPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
+        # load_bundle verifies checksums first: a changed artifact is an InputError, as in annotate
         self.annotator = Annotator.load(context.artifacts["bundle"])
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:
