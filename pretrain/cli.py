@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from hiceller.errors import InputError
-from pretrain.tracking import RUN_ID_FILE, resolve_tracking_uri
+from pretrain.tracking import EXPERIMENT, RUN_ID_FILE, resolve_tracking_uri
 
 __all__ = ["register", "add_pretrain_args"]
 
@@ -30,7 +30,7 @@ def add_pretrain_args(p: argparse.ArgumentParser) -> None:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "pretrain",
-        help="pretrain Celler with the masked-expression objective on DeepSpeed",
+        help="pretrain Celler (masked, generative or both objectives) on DeepSpeed",
         description="One process per rank: run it under the deepspeed launcher (`hiceller launch`, or "
         "`deepspeed --module pretrain ...`) for several processes, or directly for one.",
     )
@@ -61,6 +61,17 @@ def _port_taken(port: int) -> bool:
     return False
 
 
+def ui_url(uri: str, port: int) -> str:
+    """The address that opens HiCeller's experiment in MLflow's model-training view. MLflow 3 shows an
+    experiment in the view the URL's ``workflowType`` names, else the browser's last choice (GenAI
+    on first use): the experiment's kind tag alone does not switch it."""
+    import mlflow
+
+    exp = mlflow.MlflowClient(uri).get_experiment_by_name(EXPERIMENT)
+    page = f"experiments/{exp.experiment_id}/runs" if exp is not None else ""
+    return f"http://127.0.0.1:{port}/#/{page}?workflowType=machine_learning"
+
+
 def _ui(args: argparse.Namespace) -> int:
     if args.run is not None and not (args.run / RUN_ID_FILE).is_file():
         raise InputError(f"{args.run} has no MLflow run (is it a HiCeller run folder?)")
@@ -72,6 +83,6 @@ def _ui(args: argparse.Namespace) -> int:
     if _port_taken(args.port):
         raise InputError(f"port {args.port} on 127.0.0.1 is in use; choose another with --port")
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(args.port)]
-    print(f"MLflow UI of {uri} on http://127.0.0.1:{args.port} (Ctrl-C to stop)", flush=True)
+    print(f"MLflow UI of {uri} on {ui_url(uri, args.port)} (Ctrl-C to stop)", flush=True)
     os.execv(sys.executable, cmd)
     return 0
