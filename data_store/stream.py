@@ -51,9 +51,11 @@ from data_store.batching import pack, to_padded
 from data_store.layout import StreamLayout, batches_per_rank, rank_layout
 from data_store.store import CorpusStore, XReader
 from data_store.tokenize import TokenizedCells, Tokenizer
+from hiceller.config import RunConfig
 from hiceller.errors import HicellerError, InputError
 
-__all__ = ["CellStream", "CellLoader", "CellSelection", "StreamLayout", "distributed_rank_world"]
+__all__ = ["CellStream", "CellLoader", "CellSelection", "StreamLayout", "distributed_rank_world", "stream_from_config",
+           "tokenizer_from_config"]
 
 _READ_CHUNK_CELLS = 2048
 """Cells per X query (see ``CellStream._read_tokens``)."""
@@ -68,6 +70,41 @@ def distributed_rank_world() -> tuple[int, int]:
     import os
 
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def tokenizer_from_config(cfg: RunConfig) -> Tokenizer:
+    """The tokenizer a run's config describes (bins, genes per cell, the seed of the gene draw)."""
+    return Tokenizer(n_bins=cfg.data.n_bins, max_genes=cfg.data.max_genes, seed=cfg.train.seed)
+
+
+def stream_from_config(cfg: RunConfig, store: str, *, rank: int, world_size: int, **selection: Any) -> "CellStream":
+    """The one place a run's config becomes a CellStream (pretraining shards, fine-tuning splits).
+
+    Batch size, tokenizer, seed, obs filter, block and window sizes come from ``cfg``; what to select
+    and how (``joinids``, ``labels``, ``gene_map``, ``shuffle``, ``remainder``, ...) from the caller,
+    whose keywords win.
+    """
+    kw: dict[str, Any] = dict(shuffle=True, seed=cfg.train.seed, obs_filter=cfg.data.obs_filter or None,
+                              block_size=cfg.data.block_size, buffer_blocks=cfg.data.buffer_blocks)
+    kw.update(selection)
+    if not kw["shuffle"]:
+        kw["seed"] = None
+    return CellStream(store, batch_cells=cfg.train.micro_batch_cells, tokenizer=tokenizer_from_config(cfg),
+                      rank=rank, world_size=world_size, **kw)
+
+
+def _check_stream_args(batch_cells: int, block_size: int, buffer_blocks: int, shuffle: bool, seed: int | None,
+                       remainder: str, layout: str) -> None:
+    if batch_cells < 1:
+        raise InputError(f"batch_cells must be >= 1, got {batch_cells}")
+    if block_size < 1 or buffer_blocks < 1:
+        raise InputError(f"block_size and buffer_blocks must be >= 1, got {block_size}, {buffer_blocks}")
+    if shuffle and seed is None:
+        raise InputError("shuffle=True needs a seed: every rank must draw the same permutation")
+    if remainder not in ("drop", "wrap"):
+        raise InputError(f"remainder must be 'drop' or 'wrap', got {remainder!r}")
+    if layout not in ("packed", "padded"):
+        raise InputError(f"layout must be 'packed' or 'padded', got {layout!r}")
 
 
 class CellStream(IterableDataset):
@@ -103,16 +140,7 @@ class CellStream(IterableDataset):
         gene_map: np.ndarray | None = None,
     ):
         super().__init__()
-        if batch_cells < 1:
-            raise InputError(f"batch_cells must be >= 1, got {batch_cells}")
-        if block_size < 1 or buffer_blocks < 1:
-            raise InputError(f"block_size and buffer_blocks must be >= 1, got {block_size}, {buffer_blocks}")
-        if shuffle and seed is None:
-            raise InputError("shuffle=True needs a seed: every rank must draw the same permutation")
-        if remainder not in ("drop", "wrap"):
-            raise InputError(f"remainder must be 'drop' or 'wrap', got {remainder!r}")
-        if layout not in ("packed", "padded"):
-            raise InputError(f"layout must be 'packed' or 'padded', got {layout!r}")
+        _check_stream_args(batch_cells, block_size, buffer_blocks, shuffle, seed, remainder, layout)
         self.store_uri = str(store)
         self.batch_cells = batch_cells
         self.tokenizer = tokenizer
@@ -141,18 +169,25 @@ class CellStream(IterableDataset):
         self.n_genes = store_obj.n_genes
         self.labels: np.ndarray | None = None
         self.label_names: list[str] = []
-        if not (obs_filter or datasets or donors or exclude_donors or labels or joinids is not None):
+        lists = [datasets, donors, exclude_donors, joinids]
+        self._selection = self._select(store_obj, obs_filter, lists, label_column if labels else None, label_names)
+        self.fingerprint = _store_fingerprint(store_obj, self._selection)
+
+    def _select(self, store_obj: CorpusStore, obs_filter: str | None, lists: list, label_column: str | None,
+                label_names: list[str] | None) -> "CellSelection":
+        """The selected cells (and their labels when ``label_column`` is given)."""
+        datasets, donors, exclude_donors, joinids = lists
+        if not (obs_filter or label_column or datasets or donors or exclude_donors or joinids is not None):
             # The whole store: its complete datasets' joinid ranges, without reading obs (40M
             # cells of obs would cost every rank minutes and gigabytes).
-            self._selection = CellSelection(ranges=store_obj.complete_ranges())
-            if len(self._selection) == 0:
+            selection = CellSelection(ranges=store_obj.complete_ranges())
+            if len(selection) == 0:
                 raise InputError(f"store {self.store_uri}: no cell matches the selection ({self.filter_desc})")
-        else:
-            obs = self._selected_obs(store_obj, obs_filter, [datasets, donors, exclude_donors, joinids], label_column if labels else None)
-            self._selection = CellSelection(joinids=obs["soma_joinid"].to_numpy(dtype=np.int64))
-            if labels:
-                self._set_labels(store_obj, obs, label_column, label_names)
-        self.fingerprint = _store_fingerprint(store_obj, self._selection)
+            return selection
+        obs = self._selected_obs(store_obj, obs_filter, lists, label_column)
+        if label_column:
+            self._set_labels(store_obj, obs, label_column, label_names)
+        return CellSelection(joinids=obs["soma_joinid"].to_numpy(dtype=np.int64))
 
     def _selected_obs(self, store_obj: CorpusStore, obs_filter: str | None, lists: list, label_column: str | None) -> pd.DataFrame:
         """obs rows (joinid order) of the cells the filter and lists select."""

@@ -48,7 +48,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_finetune_args(p)
     p.set_defaults(func=_finetune)
+    _add_evaluate(sub)
+    _add_export(sub)
+    _add_annotate(sub)
+    p = sub.add_parser("inspect", help="what a bundle or run folder holds: classes, genes read, metrics, provenance, calibration")
+    p.add_argument("path", help="bundle folder, fine-tuning run folder or pretraining run folder")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_inspect)
 
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="accuracy, macro-F1, rare-class F1, ECE and plots of a model on a labelled .h5ad")
     p.add_argument("--model", type=Path, required=True, help="bundle, or fine-tuning run folder (uses RUN/model)")
     p.add_argument("--input", type=Path, required=True, help="labelled .h5ad")
@@ -67,6 +76,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_adapt_priors(p)
     p.set_defaults(func=_evaluate)
 
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export",
         help="consolidate a fine-tuning checkpoint (any ZeRO stage) into an annotator bundle",
@@ -81,6 +92,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing bundle")
     p.set_defaults(func=_export)
 
+
+def _add_annotate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "annotate",
         help="label the cells of an .h5ad with a bundle (obs celler_label / celler_confidence, obsm X_celler)",
@@ -103,11 +116,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true")
     _add_adapt_priors(p)
     p.set_defaults(func=_annotate)
-
-    p = sub.add_parser("inspect", help="what a bundle or run folder holds: classes, genes read, metrics, provenance, calibration")
-    p.add_argument("path", help="bundle folder, fine-tuning run folder or pretraining run folder")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=_inspect)
 
 
 def _add_adapt_priors(p: argparse.ArgumentParser) -> None:

@@ -23,8 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_store.stream import CellStream
-from data_store.tokenize import Tokenizer
+from data_store.stream import CellStream, stream_from_config
 from finetune.calibration import fit_calibration
 from finetune.data import FinetuneData
 from finetune.metrics import labelled_report, softmax, write_eval_artifacts
@@ -68,21 +67,18 @@ class RoundContext:
     def stream(self, idx: np.ndarray, shuffle: bool, local: bool = False) -> CellStream:
         """The cells at positions ``idx``; ``local``: all of them on this rank (evaluation)."""
         cfg = self.cfg
-        return CellStream(
+        return stream_from_config(
+            self.cfg,
             self.data.store_uri,
-            batch_cells=cfg.train.micro_batch_cells,
-            tokenizer=Tokenizer(n_bins=cfg.data.n_bins, max_genes=cfg.data.max_genes, seed=cfg.train.seed),
+            rank=0 if local else self.dist.rank,
+            world_size=1 if local else self.dist.world_size,
             shuffle=shuffle,
-            seed=cfg.train.seed if shuffle else None,
+            obs_filter=None,
             joinids=self.data.joinids[idx],
             labels=True,
             label_names=self.data.names,
-            block_size=cfg.data.block_size,
-            buffer_blocks=cfg.data.buffer_blocks,
             remainder="wrap",
             gene_map=self.data.gene_map,
-            rank=0 if local else self.dist.rank,
-            world_size=1 if local else self.dist.world_size,
         )
 
     def task(self, state: dict[str, torch.Tensor], with_head: bool) -> ClassifierTask:

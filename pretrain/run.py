@@ -15,8 +15,7 @@ import torch
 
 from data_store.gene_map import map_genes
 from data_store.store import CorpusStore
-from data_store.stream import CellStream
-from data_store.tokenize import Tokenizer
+from data_store.stream import stream_from_config
 from hiceller.config import RunConfig, load_config
 from hiceller.errors import HicellerError
 from pretrain import layout
@@ -35,23 +34,8 @@ __all__ = ["run_pretrain", "build_streams"]
 
 def build_streams(cfg: RunConfig, store: str, rank: int, world: int, **kw):
     """This rank's data shards: shard s of rank r is rank r*S+s of a world of world*S shards."""
-    tok = Tokenizer(n_bins=cfg.data.n_bins, max_genes=cfg.data.max_genes, seed=cfg.train.seed)
     S = cfg.train.data_shards_per_rank
-    return [
-        CellStream(
-            store,
-            batch_cells=cfg.train.micro_batch_cells,
-            tokenizer=tok,
-            seed=cfg.train.seed,
-            obs_filter=cfg.data.obs_filter or None,
-            block_size=cfg.data.block_size,
-            buffer_blocks=cfg.data.buffer_blocks,
-            rank=rank * S + s,
-            world_size=world * S,
-            **kw,
-        )
-        for s in range(S)
-    ]
+    return [stream_from_config(cfg, store, rank=rank * S + s, world_size=world * S, **kw) for s in range(S)]
 
 
 def _resume_spec(cfg: RunConfig, out: Path, resume: str | None, vocab: list[str]) -> tuple[str | None, ModelSpec]:
