@@ -67,6 +67,10 @@ def run_handler(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"hiceller {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader went away (`hiceller info | head`): stop quietly, as head's other writers do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 def module_main(command: str, description: str, add_args, func, argv: list[str] | None = None) -> int:

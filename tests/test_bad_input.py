@@ -206,6 +206,18 @@ def test_ui_on_a_busy_port_is_one_line(world: dict[str, Path]) -> None:
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [f"hiceller ui: error: port {port} on 127.0.0.1 is in use; choose another with --port"]
 
 
+def test_output_piped_to_head_is_no_traceback(world: dict[str, Path]) -> None:
+    """`hiceller info | head -0`: the reader is gone before the first line; no traceback."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "hiceller", "info", "--store", str(world["store"])],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) in (0, 141) and "Traceback" not in err, err
+
+
 def test_table_covers_every_entry_point():
     assert {c.argv[0] for c in CASES} == ENTRY_POINTS
     assert len({c.id for c in CASES}) == len(CASES) >= 24
