@@ -179,15 +179,22 @@ def prune(run_dir: Path, keep_last: int) -> list[Path]:
     complete = list_checkpoints(run_dir)
     removed = []
     for p in complete[:-keep_last] if keep_last else complete:
-        shutil.rmtree(p, ignore_errors=True)
+        _remove_checkpoint(p)
         removed.append(p)
     if complete:
         newest = complete[-1].name
         for p in list_checkpoints(run_dir, complete_only=False):
             if not (p / COMPLETE).is_file() and p.name < newest:
-                shutil.rmtree(p, ignore_errors=True)
+                _remove_checkpoint(p)
                 removed.append(p)
     return removed
+
+
+def _remove_checkpoint(cp: Path) -> None:
+    """The COMPLETE marker first: a kill -9 half-way leaves an incomplete folder (never loaded, removed
+    by the next prune), not a "complete" checkpoint with files missing."""
+    (cp / COMPLETE).unlink(missing_ok=True)
+    shutil.rmtree(cp, ignore_errors=True)
 
 
 # ------------------------------------------------------------------ the model files beside weights
