@@ -15,6 +15,7 @@ import sys
 import warnings
 
 from hiceller.errors import HicellerError
+from hiceller.memory import tune_malloc
 
 __all__ = ["main", "build_parser", "run_handler", "module_main"]
 
@@ -79,6 +80,7 @@ def module_main(command: str, description: str, add_args, func, argv: list[str] 
     p = argparse.ArgumentParser(prog=f"python -m {command}", description=description)
     add_args(p)
     p.set_defaults(func=func, command=command)
+    tune_malloc()
     quiet_libraries(os.environ.get("HICELLER_VERBOSE") == "1")
     return run_handler(p.parse_args(argv))
 
@@ -86,6 +88,7 @@ def module_main(command: str, description: str, add_args, func, argv: list[str] 
 def main(argv: list[str] | None = None) -> int:
     # Quiet the libraries that print banners at import time; our own messages say what happens.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    tune_malloc()
     args = build_parser().parse_args(argv)
     quiet_libraries(args.verbose)
     return run_handler(args)
