@@ -143,9 +143,12 @@ def _variable_genes(cfg: RunConfig, dist: DistInfo, store: CorpusStore, train_jo
     """``gene_map`` kept on the ``finetune.n_hvg`` most variable training genes only: read and
     computed once, on rank 0, and sent to the other ranks (it is a pass over every training cell)."""
     hv = [None]
+    candidates = np.flatnonzero(gene_map >= 0)
+    n_top = min(cfg.finetune.n_hvg, max(1, int(cfg.finetune.n_hvg_max_fraction * len(candidates))))
     if dist.is_main:
-        print(f"selecting the {cfg.finetune.n_hvg} most variable genes over {len(train_joinids)} training cells", flush=True)
-        hv = [highly_variable_genes(store, train_joinids, cfg.finetune.n_hvg, candidates=np.flatnonzero(gene_map >= 0))]
+        cap = f" (finetune.n_hvg_max_fraction of {len(candidates)} genes)" if n_top < cfg.finetune.n_hvg else ""
+        print(f"selecting the {n_top} most variable genes{cap} over {len(train_joinids)} training cells", flush=True)
+        hv = [highly_variable_genes(store, train_joinids, n_top, candidates=candidates)]
     if dist.world_size > 1:
         torch.distributed.broadcast_object_list(hv, src=0)
     kept = np.full_like(gene_map, -1)
