@@ -10,6 +10,7 @@ file and the bundle as its ``bundle`` artifact, verified against its checksums a
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import anndata as ad
@@ -47,22 +48,28 @@ def frame_to_anndata(data: Any, genes: list[str] | None = None):
     raise TypeError(f"expected a DataFrame with gene-name columns or a sparse matrix, got {type(data).__name__}")
 
 
-class CellerPyfunc(mlflow.pyfunc.PythonModel):
-    def load_context(self, context) -> None:
-        # load_bundle verifies checksums first: a changed artifact is an InputError, as in annotate
-        self.annotator = Annotator.load(context.artifacts["bundle"])
+# MLflow inspects predict's type hints when the class is defined and, finding none, advises adding
+# them (through its own "once" filter, so warning filters cannot hide it): recorded and dropped here.
+# Hints would switch on MLflow's input checks, which the signature (a DataFrame of gene columns, or a
+# sparse matrix with params) does not fit.
+with warnings.catch_warnings(record=True):
 
-    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        params = params or {}
-        adata = frame_to_anndata(model_input, params.get("genes"))
-        out = self.annotator.annotate(
-            adata, batch_size=int(params.get("batch_size", 256)), min_confidence=float(params.get("min_confidence", 0.0))
-        )
-        return pd.DataFrame(
-            {
-                "label": out.obs["celler_label"].astype(str).to_numpy(),
-                "confidence": out.obs["celler_confidence"].to_numpy(dtype=np.float64),
-                "embedding": list(out.obsm["X_celler"].astype(np.float64)),
-            },
-            index=out.obs_names,
-        )
+    class CellerPyfunc(mlflow.pyfunc.PythonModel):
+        def load_context(self, context) -> None:
+            # load_bundle verifies checksums first: a changed artifact is an InputError, as in annotate
+            self.annotator = Annotator.load(context.artifacts["bundle"])
+
+        def predict(self, context, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:
+            params = params or {}
+            adata = frame_to_anndata(model_input, params.get("genes"))
+            out = self.annotator.annotate(
+                adata, batch_size=int(params.get("batch_size", 256)), min_confidence=float(params.get("min_confidence", 0.0))
+            )
+            return pd.DataFrame(
+                {
+                    "label": out.obs["celler_label"].astype(str).to_numpy(),
+                    "confidence": out.obs["celler_confidence"].to_numpy(dtype=np.float64),
+                    "embedding": list(out.obsm["X_celler"].astype(np.float64)),
+                },
+                index=out.obs_names,
+            )
