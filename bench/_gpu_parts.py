@@ -263,6 +263,7 @@ def part_train(sizes: Sizes, args) -> dict:
     from data_store.tokenize import Tokenizer
     from hiceller.config import load_config
     from pretrain.flops import mfu, model_flops_per_token, token_weighted_seqlen
+    from pretrain.layout import ModelSpec
     from pretrain.loop import train
     from pretrain.model import CellerModel, count_parameters
     from pretrain.task import PretrainTask
@@ -283,7 +284,8 @@ def part_train(sizes: Sizes, args) -> dict:
     task = PretrainTask(model, cfg.train.mask_ratios)
     run_dir = Path(tempfile.mkdtemp(prefix=f"gpu-check-{args.variant}-"))
     t = time.perf_counter()
-    result = train(cfg, task, [stream], run_dir, dist, Tracker(run_dir, enabled=False), progress=False)
+    spec = ModelSpec(cfg.model, cfg.data.n_bins, cfg.data.max_genes, list(cells.vocab))
+    result = train(cfg, task, [stream], run_dir, dist, Tracker(run_dir, enabled=False), spec=spec, progress=False)
     wall = time.perf_counter() - t
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     shutil.rmtree(run_dir, ignore_errors=True)
