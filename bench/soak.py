@@ -148,6 +148,7 @@ def main() -> None:
     p.add_argument("--child-stream", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     a.store = a.store.resolve()
+    a.pretrained = a.pretrained.resolve() if a.pretrained else None
     if a.child_stream:
         return child_stream(a)
     runners = {"pretrain": run_pretrain, "stream": run_stream, "finetune": run_finetune}
@@ -161,7 +162,7 @@ def main() -> None:
             try:
                 steps, rss = runners[mode](a, env, work)
                 if mode != "stream":
-                    _disk(work, a.steps)
+                    _disk(work, int(steps.max()))
             finally:
                 shutil.rmtree(work, ignore_errors=True)
             row = {"bench": "soak", "mode": mode, "variant": variant, "steps": a.steps, "seconds": round(time.time() - t0, 1),
