@@ -16,7 +16,8 @@ Variants (``--variants``; each adds environment to the child):
 - ``hiceller``: HiCeller's own process start-up (``hiceller/memory.py``), i.e. the fix under test;
   the other variants run with ``HICELLER_MALLOC=system`` so it is off;
 - ``mmap``: ``MALLOC_MMAP_THRESHOLD_=131072`` (a fixed threshold: large buffers always mmapped);
-- ``arena2``: ``MALLOC_ARENA_MAX=2``.
+- ``arena2``: ``MALLOC_ARENA_MAX=2``;
+- ``mmap1m``: ``MALLOC_MMAP_THRESHOLD_=1048576`` (a fixed threshold of 1 MiB).
 
 Per run one JSON line: RSS at the first sample, after the warm-up (``--warmup`` of the steps), at the
 end, the slope per 1,000 steps after warm-up (least squares) and the growth after warm-up in %.
@@ -44,6 +45,7 @@ VARIANTS = {
     "hiceller": {},
     "mmap": {"HICELLER_MALLOC": "system", "MALLOC_MMAP_THRESHOLD_": "131072"},
     "arena2": {"HICELLER_MALLOC": "system", "MALLOC_ARENA_MAX": "2"},
+    "mmap1m": {"HICELLER_MALLOC": "system", "MALLOC_MMAP_THRESHOLD_": "1048576"},
 }
 
 
