@@ -45,9 +45,8 @@ def _bundle_path(model: str, tracking_uri: str | None) -> Path:
         return bundle_of(Path(model))
     import mlflow
 
-    mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model))
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model, tracking_uri=resolve_tracking_uri(tracking_uri)))
     except Exception as e:
         raise InputError(f"--model {model}: not found in the MLflow registry ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
     found = list(local.rglob(CHECKSUMS))

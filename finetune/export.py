@@ -16,7 +16,7 @@ from pathlib import Path
 
 from hiceller.errors import InputError
 from pretrain import layout
-from pretrain.tracking import experiment_id
+from pretrain.tracking import experiment_id, tracking_store
 
 __all__ = ["export_bundle", "log_pyfunc"]
 
@@ -62,19 +62,19 @@ def log_pyfunc(bundle: Path, tracking_uri: str, register: str | None) -> str:
 
     from finetune.pyfunc import signature
 
-    mlflow.set_tracking_uri(tracking_uri)
-    exp_id = experiment_id(mlflow.MlflowClient(tracking_uri), tracking_uri)
-    made = layout.load_bundle(bundle).provenance
-    # nested under the fine-tuning run that made the weights, when it logs to this store
-    parent = made.get("mlflow_run_id") if made.get("tracking_uri") == tracking_uri else None
-    with mlflow.start_run(experiment_id=exp_id, run_name=f"export-{Path(bundle).name}", parent_run_id=parent,
-                          tags={"kind": "export"}) as run:
-        info = mlflow.pyfunc.log_model(
-            name="celler",
-            python_model=str(PYFUNC_ENTRY),
-            artifacts={"bundle": str(Path(bundle).resolve())},
-            signature=signature(),
-            registered_model_name=register,
-        )
-        mlflow.log_dict(json.loads((Path(bundle) / "metrics.json").read_text()), "metrics.json")
+    with tracking_store(tracking_uri):
+        exp_id = experiment_id(mlflow.MlflowClient(tracking_uri), tracking_uri)
+        made = layout.load_bundle(bundle).provenance
+        # nested under the fine-tuning run that made the weights, when it logs to this store
+        parent = made.get("mlflow_run_id") if made.get("tracking_uri") == tracking_uri else None
+        with mlflow.start_run(experiment_id=exp_id, run_name=f"export-{Path(bundle).name}", parent_run_id=parent,
+                              tags={"kind": "export"}) as run:
+            info = mlflow.pyfunc.log_model(
+                name="celler",
+                python_model=str(PYFUNC_ENTRY),
+                artifacts={"bundle": str(Path(bundle).resolve())},
+                signature=signature(),
+                registered_model_name=register,
+            )
+            mlflow.log_dict(json.loads((Path(bundle) / "metrics.json").read_text()), "metrics.json")
     return info.model_uri if run else ""

@@ -21,10 +21,11 @@ from __future__ import annotations
 import logging
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-__all__ = ["Tracker", "experiment_id", "resolve_tracking_uri", "run_id_of", "workspace_tracking_uri"]
+__all__ = ["Tracker", "experiment_id", "resolve_tracking_uri", "run_id_of", "tracking_store", "workspace_tracking_uri"]
 
 EXPERIMENT = "hiceller"
 WORKSPACE_ENV = "HICELLER_WORKSPACE"
@@ -62,6 +63,21 @@ def run_id_of(run_dir: Path, tracking_uri: str) -> str | None:
     if (run_dir / RUN_ID_FILE).is_file() and _recorded_uri(run_dir) == tracking_uri:
         return (run_dir / RUN_ID_FILE).read_text().strip()
     return None
+
+
+@contextmanager
+def tracking_store(uri: str) -> Iterator[None]:
+    """MLflow's global tracking URI set to ``uri`` for the block (fluent calls such as start_run and
+    log_model use it), then put back as it was: mlflow.set_tracking_uri also exports
+    MLFLOW_TRACKING_URI, which every later subprocess of this process would otherwise inherit."""
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)
 
 
 def _artifact_root(uri: str) -> str | None:

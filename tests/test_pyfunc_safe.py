@@ -27,6 +27,7 @@ def _logged(tmp_path: Path, name: str) -> tuple[str, Path]:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     log_pyfunc(BUNDLE, uri, name)
     source = mlflow.MlflowClient(uri).get_model_version(name, "1").source  # models:/m-<id>
+    mlflow.set_tracking_uri(uri)  # get_logged_model reads the global store (log_pyfunc leaves it as it was)
     folder = mlflow.get_logged_model(source.removeprefix("models:/")).artifact_location
     return uri, Path(folder.removeprefix("file://"))
 
@@ -82,3 +83,16 @@ def test_tampered_bundle_artifact_refused_at_load(tmp_path, in_process):
     rc, _, err = in_process("annotate", "--model", "models:/celler-tampered/1", "--tracking-uri", uri,
                             "--input", q, "--output", tmp_path / "out.h5ad", "--no-progress")
     assert rc == 2 and "checksum mismatch for labels.json" in err
+
+
+def test_logging_leaves_the_process_tracking_uri_as_it_was(tmp_path, monkeypatch):
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI; an export must not hand its store to
+    whatever this process starts next."""
+    import os
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'home.db'}")
+    log_pyfunc(BUNDLE, f"sqlite:///{tmp_path / 'other.db'}", None)
+    assert os.environ["MLFLOW_TRACKING_URI"] == f"sqlite:///{tmp_path / 'home.db'}"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    log_pyfunc(BUNDLE, f"sqlite:///{tmp_path / 'other.db'}", None)
+    assert "MLFLOW_TRACKING_URI" not in os.environ
