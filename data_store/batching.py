@@ -52,6 +52,10 @@ class PackedBatch:
     """LongTensor[B]: class per cell, ``IGNORE_LABEL`` when unlabeled."""
     joinids: torch.Tensor
     """LongTensor[B]: soma_joinid per cell, ``UNKNOWN_JOINID`` when not given."""
+    expr: torch.Tensor | None = None
+    """FloatTensor[T]: each token's normalised expression (0 at ``<cls>``) when the cells were
+    tokenized with ``keep_values`` (a classifier's linear part reads it); None otherwise. The padded
+    layout does not carry it."""
 
     @property
     def n_cells(self) -> int:
@@ -117,6 +121,7 @@ def pack(
         max_seqlen=int(lengths.max()) if n else 0,
         labels=_per_cell(labels, n, IGNORE_LABEL, "labels"),
         joinids=_per_cell(joinids, n, UNKNOWN_JOINID, "joinids"),
+        expr=None if tokenized.expr is None else torch.from_numpy(tokenized.expr),
     )
 
 
@@ -202,6 +207,7 @@ def collate_packed(batches: Sequence[PackedBatch]) -> PackedBatch:
         max_seqlen=max(b.max_seqlen for b in batches),
         labels=torch.cat([b.labels for b in batches]),
         joinids=torch.cat([b.joinids for b in batches]),
+        expr=torch.cat([b.expr for b in batches]) if all(b.expr is not None for b in batches) else None,
     )
 
 

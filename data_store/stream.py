@@ -50,7 +50,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data_store.batching import pack, to_padded
 from data_store.layout import StreamLayout, batches_per_rank, rank_layout
 from data_store.store import CorpusStore, XReader
-from data_store.tokenize import TokenizedCells, Tokenizer
+from data_store.tokenize import TokenizedCells, Tokenizer, log1p_normalize
 from hiceller.config import RunConfig
 from hiceller.errors import HicellerError, InputError
 
@@ -138,6 +138,7 @@ class CellStream(IterableDataset):
         rank: int | None = None,
         world_size: int | None = None,
         gene_map: np.ndarray | None = None,
+        expression: bool = False,
     ):
         super().__init__()
         _check_stream_args(batch_cells, block_size, buffer_blocks, shuffle, seed, remainder, layout)
@@ -154,6 +155,9 @@ class CellStream(IterableDataset):
         # gene_map[g], and -1 drops the gene (a store that gained genes after pretraining, or a
         # fine-tuning store with another vocabulary).
         self.gene_map = None if gene_map is None else np.asarray(gene_map, dtype=np.int64)
+        # expression: batches also carry each token's log1p(counts per 10k), the cell's library
+        # size taken over every stored gene (before gene_map drops any), as scanpy normalises.
+        self.expression = bool(expression)
         env_rank, env_world = distributed_rank_world()
         self.rank = env_rank if rank is None else rank
         self.world_size = env_world if world_size is None else world_size
@@ -165,6 +169,8 @@ class CellStream(IterableDataset):
         self.num_workers = 0
 
         store_obj = CorpusStore.open(self.store_uri)
+        logexpr = [(d.start, d.stop) for d in store_obj.complete_datasets() if d.kind == "logexpr"]
+        self._log_ranges = np.array(logexpr, dtype=np.int64).reshape(-1, 2)
         self.filter_desc = _describe_filter(obs_filter, datasets, donors, exclude_donors, joinids)
         self.n_genes = store_obj.n_genes
         self.labels: np.ndarray | None = None
@@ -358,6 +364,7 @@ class CellStream(IterableDataset):
         bound = len(jids) * (self.tokenizer.max_genes + 1)
         gene_ids = np.empty(bound, dtype=np.int32)
         values = np.empty(bound, dtype=self.tokenizer.value_dtype)
+        expr = np.empty(bound if self.expression else 0, dtype=np.float32)
         offsets = np.zeros(len(jids) + 1, dtype=np.int64)
         pending = reader.submit(jids[:step])
         for lo in range(0, len(jids), step):
@@ -365,11 +372,13 @@ class CellStream(IterableDataset):
             d0, genes, vals = pending.result()
             if lo + step < len(jids):
                 pending = reader.submit(jids[lo + step : lo + 2 * step])
+            rows, by_cell = _cell_rows(d0, chunk)
+            if self.expression:
+                vals = log1p_normalize(rows, vals, len(chunk), self._is_log(chunk))
             if self.gene_map is not None:
                 mapped = self.gene_map[np.minimum(genes, len(self.gene_map) - 1)]
                 keep = (genes < len(self.gene_map)) & (mapped >= 0)
-                d0, genes, vals = d0[keep], mapped[keep], vals[keep]
-            rows, by_cell = _cell_rows(d0, chunk)
+                rows, genes, vals = rows[keep], mapped[keep], vals[keep]
             # Pieces of _TOKENIZE_CELLS when entries come grouped by cell (TileDB returns them so):
             # the tokenizer's sort ran ~1.7x faster per cell on 256 cells (keys stay in cache)
             # than on 2048. Otherwise the chunk is one piece.
@@ -377,14 +386,24 @@ class CellStream(IterableDataset):
             ends = np.searchsorted(rows, cuts) if by_cell else np.array([0, len(rows)])
             for a, b, ea, eb in zip(cuts[:-1], cuts[1:], ends[:-1], ends[1:]):
                 part = self.tokenizer.tokenize(
-                    rows[ea:eb] - a, genes[ea:eb], vals[ea:eb], b - a, cell_keys=chunk[a:b].astype(np.uint64), epoch=self.epoch
+                    rows[ea:eb] - a, genes[ea:eb], vals[ea:eb], b - a, cell_keys=chunk[a:b].astype(np.uint64), epoch=self.epoch,
+                    keep_values=self.expression,
                 )
                 t0 = offsets[lo + a]
                 gene_ids[t0 : t0 + part.n_tokens] = part.gene_ids
                 values[t0 : t0 + part.n_tokens] = part.values
+                if self.expression:
+                    expr[t0 : t0 + part.n_tokens] = part.expr
                 offsets[lo + a + 1 : lo + b + 1] = part.offsets[1:] + t0
         n_tokens = int(offsets[-1])
-        return TokenizedCells(gene_ids[:n_tokens], values[:n_tokens], offsets, len(jids))
+        return TokenizedCells(gene_ids[:n_tokens], values[:n_tokens], offsets, len(jids),
+                              expr[:n_tokens] if self.expression else None)
+
+    def _is_log(self, jids: np.ndarray) -> np.ndarray:
+        """Per cell of ``jids``: does it come from a log-expression dataset?"""
+        starts, stops = self._log_ranges[:, 0], self._log_ranges[:, 1]
+        k = np.searchsorted(starts, jids, side="right") - 1
+        return (k >= 0) & (jids < stops[np.maximum(k, 0)]) if len(starts) else np.zeros(len(jids), dtype=bool)
 
     # ------------------------------------------------------------------ loader
     def dataloader(self, num_workers: int = 0, pin_memory: bool = False, prefetch_factor: int = 2) -> "CellLoader":

@@ -27,6 +27,8 @@ import numpy as np
 import numpy.typing as npt
 
 __all__ = [
+    "TARGET_SUM",
+    "log1p_normalize",
     "PAD_ID",
     "CLS_ID",
     "N_SPECIAL",
@@ -81,6 +83,9 @@ class TokenizedCells:
     """Length ``n_cells + 1``; cell ``i`` is ``[offsets[i], offsets[i+1])``."""
     n_cells: int
     """Number of cells."""
+    expr: npt.NDArray[np.float32] | None = None
+    """The input value of each token (0 for ``<cls>``), aligned with ``gene_ids``, when the tokenizer
+    was asked for it (``keep_values=True``): what a reader of expression, not of bins, needs."""
 
     def __post_init__(self) -> None:
         # O(1) checks only: this object is built in the loader's hot path.
@@ -89,6 +94,8 @@ class TokenizedCells:
         n_tokens = int(self.offsets[-1])
         if int(self.offsets[0]) != 0 or self.gene_ids.shape != (n_tokens,) or self.values.shape != (n_tokens,):
             raise ValueError("offsets must start at 0 and end at len(gene_ids) == len(values)")
+        if self.expr is not None and self.expr.shape != (n_tokens,):
+            raise ValueError("expr must be aligned with gene_ids")
 
     @property
     def lengths(self) -> npt.NDArray[np.int64]:
@@ -116,14 +123,15 @@ class TokenizedCells:
             stop = max(start, stop)
             lo, hi = self.offsets[start], self.offsets[stop]
             return TokenizedCells(
-                self.gene_ids[lo:hi], self.values[lo:hi], self.offsets[start : stop + 1] - lo, stop - start
+                self.gene_ids[lo:hi], self.values[lo:hi], self.offsets[start : stop + 1] - lo, stop - start,
+                None if self.expr is None else self.expr[lo:hi],
             )
         cells = np.arange(self.n_cells)[idx]  # numpy does negative/bool/bounds semantics for us
         lengths = self.lengths[cells]
         offsets = _offsets_from_lengths(lengths)
         # Token t of the new block comes from old position t + (old start - new start) of its cell.
         src = np.repeat(self.offsets[cells] - offsets[:-1], lengths) + np.arange(offsets[-1])
-        return TokenizedCells(self.gene_ids[src], self.values[src], offsets, len(cells))
+        return TokenizedCells(self.gene_ids[src], self.values[src], offsets, len(cells), None if self.expr is None else self.expr[src])
 
     @classmethod
     def concat(cls, parts: Sequence[TokenizedCells]) -> TokenizedCells:
@@ -138,6 +146,7 @@ class TokenizedCells:
             np.concatenate([p.values for p in parts]),
             _offsets_from_lengths(lengths),
             sum(p.n_cells for p in parts),
+            np.concatenate([p.expr for p in parts]) if all(p.expr is not None for p in parts) else None,
         )
 
 
@@ -186,6 +195,7 @@ class Tokenizer:
         *,
         cell_keys: npt.ArrayLike,
         epoch: int = 0,
+        keep_values: bool = False,
     ) -> TokenizedCells:
         """Tokenize one block given as COO entries in any order.
 
@@ -193,7 +203,8 @@ class Tokenizer:
         non-negative expression (explicit zeros are dropped); each ``(row, gene)`` appears at most
         once, as in a SOMA sparse array. ``cell_keys[i]`` (the soma_joinid of row ``i``) seeds the
         sampling of cell ``i``, so a cell's tokens do not depend on which block it was read in;
-        ``epoch`` re-draws every sample (pass the stream's epoch).
+        ``epoch`` re-draws every sample (pass the stream's epoch). ``keep_values``: also return each
+        kept token's input value (``expr``, float32), read back from the sort key (no second pass).
         """
         if epoch < 0:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
@@ -204,13 +215,13 @@ class Tokenizer:
         row_bits = _KEY_BITS - _VALUE_BITS - token_bits
         rows_per_part = 1 << row_bits
         if n_cells <= rows_per_part:
-            return self._tokenize_part(r, g, vbits, n_cells, keys, epoch, token_bits)
+            return self._tokenize_part(r, g, vbits, n_cells, keys, epoch, token_bits, keep_values)
         parts = []
         part_of_entry = r >> row_bits
         for lo in range(0, n_cells, rows_per_part):
             sel = part_of_entry == (lo >> row_bits)
             hi = min(lo + rows_per_part, n_cells)
-            parts.append(self._tokenize_part(r[sel] - lo, g[sel], vbits[sel], hi - lo, keys[lo:hi], epoch, token_bits))
+            parts.append(self._tokenize_part(r[sel] - lo, g[sel], vbits[sel], hi - lo, keys[lo:hi], epoch, token_bits, keep_values))
         return TokenizedCells.concat(parts)
 
     def _tokenize_part(
@@ -222,6 +233,7 @@ class Tokenizer:
         cell_keys: npt.NDArray[np.uint64],
         epoch: int,
         token_bits: int,
+        keep_values: bool = False,
     ) -> TokenizedCells:
         """Tokenize a block whose ``row | value | token`` key fits in 64 bits."""
         key = _sorted_entry_keys(rows, genes, vbits, token_bits)
@@ -234,12 +246,13 @@ class Tokenizer:
         gene_ids = np.empty(int(offsets[-1]), dtype=np.int32)
         values = np.empty(int(offsets[-1]), dtype=self.value_dtype)
         bases = _cell_bases(self.seed, epoch, cell_keys)
-        _emit_cells(key, starts, nnz, offsets, bases, token_bits, self.n_bins, self.max_genes, gene_ids, values)
-        return TokenizedCells(gene_ids, values, offsets, n_cells)
+        value_bits = np.empty(int(offsets[-1]) if keep_values else 0, dtype=np.uint32)
+        _emit_cells(key, starts, nnz, offsets, bases, token_bits, self.n_bins, self.max_genes, gene_ids, values, value_bits)
+        return TokenizedCells(gene_ids, values, offsets, n_cells, value_bits.view(np.float32) if keep_values else None)
 
 
 @numba.njit(cache=True, nogil=True)
-def _emit_cells(key, starts, nnz, offsets, bases, token_bits, n_bins, max_genes, gene_ids, values):  # pragma: no cover
+def _emit_cells(key, starts, nnz, offsets, bases, token_bits, n_bins, max_genes, gene_ids, values, value_bits):  # pragma: no cover
     """Write ``<cls>`` + kept tokens + bins of every cell of a sorted block (compiled: one pass per cell).
 
     Per cell ``i`` (entries ``key[starts[i]:starts[i] + nnz[i]]``, ordered by value then token):
@@ -247,12 +260,15 @@ def _emit_cells(key, starts, nnz, offsets, bases, token_bits, n_bins, max_genes,
     run's first position; a cell over ``max_genes`` keeps the entries whose ``priority << 32 |
     position`` key is among the ``max_genes`` smallest (the k-th smallest found by :func:`_kth_smallest`, not a
     sort), i.e. the smallest priorities, ties to the lower position. Kept entries stay in key order.
+    ``value_bits``, unless empty, gets each written token's float32 value bits (0 for ``<cls>``).
     Why compiled: in numpy these steps were ~6 full-block passes plus a second sort; per cell in
     one loop the cell's entries stay in L1. On 1.3k-gene cells with max_genes 1200 the tokenizer went
     from 47 to 13 us per cell (bench/RESULTS.md, "Tokenizer").
     """
     token_mask = np.uint64((1 << token_bits) - 1)
     value_shift = np.uint64(token_bits)
+    value_mask = np.uint64((1 << _VALUE_BITS) - 1)
+    keep_values = value_bits.size > 0
     scratch = np.empty(max(nnz.max() if nnz.size else 0, 1), dtype=np.uint64)
     bucket = np.empty_like(scratch)
     bucket_counts = np.empty(256, dtype=np.int64)
@@ -260,6 +276,8 @@ def _emit_cells(key, starts, nnz, offsets, bases, token_bits, n_bins, max_genes,
         s, m, o = starts[i], nnz[i], offsets[i]
         gene_ids[o] = CLS_ID
         values[o] = CLS_VALUE
+        if keep_values:
+            value_bits[o] = 0
         o += 1
         threshold = np.uint64(0xFFFFFFFFFFFFFFFF)
         if m > max_genes:
@@ -280,6 +298,8 @@ def _emit_cells(key, starts, nnz, offsets, bases, token_bits, n_bins, max_genes,
                 continue
             gene_ids[o] = np.int32(k & token_mask)
             values[o] = run_bin
+            if keep_values:
+                value_bits[o] = np.uint32(cell_value & value_mask)
             o += 1
 
 
@@ -305,6 +325,29 @@ def _kth_smallest(x, k, counts, bucket):  # pragma: no cover
     head = bucket[:n]
     head.sort()
     return head[k - below]
+
+
+TARGET_SUM = 1e4
+"""Counts per cell after normalisation (scanpy's ``normalize_total`` default, Seurat's scale factor)."""
+
+
+def log1p_normalize(
+    rows: npt.ArrayLike, values: npt.ArrayLike, n_cells: int, log_rows: npt.ArrayLike | bool = False
+) -> npt.NDArray[np.float32]:
+    """``log1p(x / total * 1e4)`` per COO entry, ``total`` the sum of the cell's entries.
+
+    Entries of log-expression cells (``log_rows``: per cell, or one bool for all) are exponentiated
+    back first (``expm1``), so counts and log1p-normalised inputs of the same cells agree. Pass every
+    entry of a cell, not only the genes a model reads: the total is the cell's library size. The
+    transform is increasing within a cell, so the tokenizer's bins of the result are those of the input.
+    """
+    r = np.asarray(rows, dtype=np.int64)
+    v = np.asarray(values, dtype=np.float64)
+    log = np.broadcast_to(np.asarray(log_rows, dtype=bool), (n_cells,))
+    lin = np.where(log[r], np.expm1(v), v) if log.any() else v.copy()
+    total = np.bincount(r, weights=lin, minlength=n_cells)
+    lin *= TARGET_SUM / np.maximum(total, 1e-12)[r]
+    return np.log1p(lin).astype(np.float32)
 
 
 def sampling_priority(

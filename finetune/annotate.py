@@ -32,7 +32,7 @@ import torch
 
 from data_store.batching import iter_token_budget_batches, pack
 from data_store.gene_map import GeneMapping, map_genes
-from data_store.tokenize import Tokenizer
+from data_store.tokenize import Tokenizer, log1p_normalize
 from finetune.calibration import Calibration
 from finetune.priors import DEFAULT_ADAPT_PRIORS, PriorShift, estimate_priors, reweight
 from finetune.task import ClassifierTask
@@ -91,7 +91,7 @@ class Annotator:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise InputError("--device cuda asked for, but torch sees no CUDA device")
         model = CellerModel(spec.model_cfg, n_genes=len(spec.vocab), n_bins=spec.n_bins)
-        task = ClassifierTask(model, len(spec.labels), "ce", np.ones(len(spec.labels)), head=spec.head)
+        task = ClassifierTask(model, len(spec.labels), "ce", np.ones(len(spec.labels)), head=spec.head, wide_input=spec.wide_input)
         missing, unexpected = task.load_state_dict(trained.state_dict, strict=False)
         if missing or unexpected:
             raise InputError(f"bundle {trained.source}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
@@ -146,16 +146,22 @@ class Annotator:
             x = (sp.csr_matrix(x) if not sp.issparse(x) else x).tocoo()
             if x.data.size and (not np.all(np.isfinite(x.data)) or x.data.min() < 0):
                 raise InputError(f"query X has NaN, infinite or negative values (cells {a}-{b})")
+            data = x.data
+            if self.task.reads_expression:
+                # log1p(counts per 10k) over every gene of the cell, as for the training cells; a
+                # chunk with non-integer values is log-expression (ingest's rule for a file).
+                data = log1p_normalize(x.row, data, b - a, bool(np.any(data != np.floor(data))))
             # Map every stored entry's column through the vocabulary at once (a CSR column
             # selection x[:, cols] costs far more) and drop the genes the model never saw.
             ids = mapping.ids[x.col]
             ok = (ids >= 0) & (x.data != 0)
             if self._reads is not None:
                 ok &= self._reads[np.maximum(ids, 0)]
-            m = sp.coo_matrix((x.data[ok].astype(np.float32), (x.row[ok], ids[ok])), shape=(b - a, mapping.n_vocab))
+            m = sp.coo_matrix((data[ok].astype(np.float32), (x.row[ok], ids[ok])), shape=(b - a, mapping.n_vocab))
             m.sum_duplicates()  # symbols that differ only in case name one vocabulary gene
             n_genes = np.bincount(m.row, minlength=b - a)
-            tok = self.tokenizer.tokenize(m.row, m.col, m.data, b - a, cell_keys=np.arange(a, b, dtype=np.uint64))
+            tok = self.tokenizer.tokenize(m.row, m.col, m.data, b - a, cell_keys=np.arange(a, b, dtype=np.uint64),
+                                          keep_values=self.task.reads_expression)
             logits, embs = self._predict(tok, token_budget)
             if progress:
                 progress(b - a)
@@ -189,7 +195,7 @@ class Annotator:
         logits, embs = [], []
         for batch in batches:
             batch = batch.to(self.device)
-            z, emb = self.task.logits(batch.gene_ids, batch.values, batch.cu_seqlens, batch.max_seqlen)
+            z, emb = self.task.logits(batch.gene_ids, batch.values, batch.cu_seqlens, batch.max_seqlen, batch.expr)
             logits.append(z.float().cpu().numpy())
             embs.append(emb.float().cpu().numpy())
         return np.concatenate(logits), np.concatenate(embs)

@@ -4,6 +4,7 @@
     -> their genes as pretrained-vocabulary ids (refused below --min-gene-overlap)
     -> restricted to the genes the query measures (--query-genes) and/or the most variable
        training genes (finetune.n_hvg; computed on rank 0, broadcast)
+    -> each read gene's largest training expression, the linear part's scale (finetune.wide_input)
     -> only the cells of --diseases (and of --holdout-diseases), when given
     -> split: held-out donors and diseases = test, a class-stratified validation sample (finetune/splits.py)
     -> classes = the training split's labels, with their counts
@@ -24,7 +25,8 @@ import torch
 from data_store.gene_map import map_genes
 from data_store.ingest import IngestOptions, ingest_files
 from data_store.store import CorpusStore
-from finetune.genes import highly_variable_genes
+from data_store.tokenize import N_SPECIAL
+from finetune.genes import gene_max_expression, highly_variable_genes
 from finetune.splits import Split, make_split
 from hiceller.config import RunConfig
 from hiceller.errors import InputError
@@ -57,6 +59,9 @@ class FinetuneData:
     train_diseases: list[str] | None = None
     """Diseases (conditions) of the training split; kept in the bundle, so annotation can name the
     query cells of a disease the model never saw."""
+    gene_scale: np.ndarray | None = None
+    """Per token id, 1 / the gene's largest log1p(counts per 10k) in the training split (1 where
+    unseen): the scale of a linear part that reads expression; None when nothing reads it."""
 
     def label_ids(self, idx: np.ndarray) -> np.ndarray:
         """Class ids of the cells at positions ``idx`` (-100 for a class absent from training)."""
@@ -156,6 +161,19 @@ def _variable_genes(cfg: RunConfig, dist: DistInfo, store: CorpusStore, train_jo
     return kept
 
 
+def _gene_scale(dist: DistInfo, store: CorpusStore, train_joinids: np.ndarray, gene_map: np.ndarray, n_vocab: int) -> np.ndarray:
+    """:attr:`FinetuneData.gene_scale`: one pass over the training cells on rank 0, sent to the others."""
+    top = [None]
+    if dist.is_main:
+        top = [gene_max_expression(store, train_joinids)]
+    if dist.world_size > 1:
+        torch.distributed.broadcast_object_list(top, src=0)
+    read = np.flatnonzero(gene_map[: len(top[0])] >= 0)
+    top_token = np.zeros(n_vocab + N_SPECIAL, dtype=np.float32)
+    np.maximum.at(top_token, N_SPECIAL + gene_map[read], top[0][read])  # case variants share a vocabulary id
+    return np.where(top_token > 0, 1.0 / np.maximum(top_token, 1e-12), 1.0).astype(np.float32)
+
+
 def prepare_data(args, cfg: RunConfig, vocab: list[str], dist: DistInfo, out: Path, query_genes: set[str] | None) -> FinetuneData:
     """The run's :class:`FinetuneData` (every rank computes the same; rank 0 writes RUN/split.parquet).
 
@@ -184,4 +202,8 @@ def prepare_data(args, cfg: RunConfig, vocab: list[str], dist: DistInfo, out: Pa
         for note in split.notes:
             print(f"warning: {note}", file=sys.stderr)
     train_diseases = sorted(set(obs["disease"].astype(str).to_numpy()[split.train_idx]))
-    return FinetuneData(store_uri, joinids, labels, names, counts, split, gene_map, input_genes, train_diseases)
+    f = cfg.finetune
+    scale = None
+    if f.head != "transformer" and f.wide_input == "expression":
+        scale = _gene_scale(dist, store, joinids[split.train_idx], gene_map, len(vocab))
+    return FinetuneData(store_uri, joinids, labels, names, counts, split, gene_map, input_genes, train_diseases, scale)

@@ -22,12 +22,11 @@ from pathlib import Path
 import numpy as np
 
 from data_store.store import CorpusStore
+from data_store.tokenize import TARGET_SUM, log1p_normalize
 from hiceller.errors import InputError
 
-__all__ = ["TARGET_SUM", "N_BINS", "dispersion_scores", "highly_variable_genes", "read_query_genes"]
+__all__ = ["TARGET_SUM", "N_BINS", "dispersion_scores", "gene_max_expression", "highly_variable_genes", "read_query_genes"]
 
-TARGET_SUM = 1e4
-"""Counts per cell after normalisation."""
 N_BINS = 20
 """Bins of mean expression within which dispersions are compared."""
 
@@ -113,3 +112,18 @@ def dispersion_scores(total: np.ndarray, total_sq: np.ndarray, n_cells: int) -> 
         sd = d.std(ddof=1)
         scores[members] = (d - d.mean()) / sd if sd > 0 else 0.0
     return scores
+
+
+def gene_max_expression(store: CorpusStore, joinids: np.ndarray) -> np.ndarray:
+    """Per store gene, its largest ``log1p(counts per 10k)`` over the cells ``joinids`` (0 where never
+    expressed): the max-abs scale of a classifier's linear part. One streamed pass over their X."""
+    n_genes = len(store.vocabulary())
+    is_log = np.zeros(store.next_joinid, dtype=bool)
+    for d in store.complete_datasets():
+        is_log[d.start : d.stop] = d.kind == "logexpr"
+    top = np.zeros(n_genes, dtype=np.float32)
+    for d0, genes, values in store.iter_x_cells(joinids):
+        cells, local = np.unique(d0, return_inverse=True)
+        x = log1p_normalize(local, values, len(cells), is_log[cells])
+        np.maximum.at(top, genes, x)
+    return top

@@ -61,8 +61,14 @@ class RoundContext:
         d = self.data
         return dataclasses.replace(
             self.pretrained.spec, max_genes=self.cfg.data.max_genes, labels=d.names, label_counts=d.counts.tolist(),
-            input_genes=d.input_genes, head=self.cfg.finetune.head,
+            input_genes=d.input_genes, head=self.cfg.finetune.head, wide_input=self.wide_input,
         )
+
+    @property
+    def wide_input(self) -> str:
+        """What the classifier's linear part reads ("bins" when it has none: nothing to read)."""
+        f = self.cfg.finetune
+        return f.wide_input if f.head != "transformer" else "bins"
 
     def stream(self, idx: np.ndarray, shuffle: bool, local: bool = False) -> CellStream:
         """The cells at positions ``idx``; ``local``: all of them on this rank (evaluation)."""
@@ -79,6 +85,7 @@ class RoundContext:
             label_names=self.data.names,
             remainder="wrap",
             gene_map=self.data.gene_map,
+            expression=self.wide_input == "expression",
         )
 
     def task(self, state: dict[str, torch.Tensor], with_head: bool) -> ClassifierTask:
@@ -88,7 +95,9 @@ class RoundContext:
         model = CellerModel(spec.model_cfg, n_genes=len(spec.vocab), n_bins=spec.n_bins)
         f = cfg.finetune
         task = ClassifierTask(model, len(self.data.names), f.loss, self.data.counts, f.ginf_mu, f.ginf_sigma, head=f.head,
-                              wide_lr_scale=f.wide_lr_scale)
+                              wide_lr_scale=f.wide_lr_scale, wide_input=self.wide_input, wide_l1=f.wide_l1)
+        if task.reads_expression and self.data.gene_scale is not None:
+            task.wide.gene_scale.copy_(torch.from_numpy(self.data.gene_scale))
         if with_head:
             task.load_state_dict(state, strict=True)
         else:

@@ -270,6 +270,12 @@ class FinetuneConfig:
     wide_lr_scale: float = 10.0
     """The linear part of a linear or joint head trains at train.lr times this: at 1 it was still
     far from fitting its training cells after 8 epochs (train loss 0.12 vs 0.002 at 10, Baron)."""
+    wide_input: str = "expression"
+    """What the linear part reads: expression (log1p counts per 10k, scaled per gene by its largest
+    training value: the logistic regression's input) or bins (the encoder's value bins; finetune/task.py)."""
+    wide_l1: float = 1e-4
+    """L1 penalty on the linear part's weights (added to the loss as wide_l1 * sum |w|): the lasso
+    that makes it an L1 logistic regression; 0 turns it off."""
 
     def __post_init__(self) -> None:
         _check(self.loss in ("ce", "ginf"), "finetune.loss", f"must be ce or ginf, got {self.loss!r}")
@@ -287,6 +293,8 @@ class FinetuneConfig:
         _check(0.0 < self.n_hvg_max_fraction <= 1.0, "finetune.n_hvg_max_fraction", f"must be in (0, 1], got {self.n_hvg_max_fraction}")
         _check(self.head in ("transformer", "linear", "joint"), "finetune.head", f"must be transformer, linear or joint, got {self.head!r}")
         _check(self.wide_lr_scale > 0, "finetune.wide_lr_scale", f"must be > 0, got {self.wide_lr_scale}")
+        _check(self.wide_input in ("expression", "bins"), "finetune.wide_input", f"must be expression or bins, got {self.wide_input!r}")
+        _check(self.wide_l1 >= 0, "finetune.wide_l1", f"must be >= 0, got {self.wide_l1}")
         _check(0.0 < self.val_fraction < 1.0, "finetune.val_fraction", f"must be in (0, 1), got {self.val_fraction}")
         _check(
             0.0 < self.rare_class_threshold < 1.0,

@@ -71,6 +71,7 @@ CALIBRATION = "calibration.json"
 CHECKSUMS = "checksums.sha256"
 BUNDLE_FORMAT = "hiceller-bundle/1"
 HEADS = ("transformer", "linear", "joint")
+WIDE_INPUTS = ("expression", "bins")
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,8 @@ class ModelSpec:
     """The vocabulary genes the classifier reads (finetune.n_hvg / --query-genes); None = all."""
     head: str = "transformer"
     """The classifier kind (finetune.head)."""
+    wide_input: str = "bins"
+    """What a linear part reads (finetune.wide_input); models older than the option read bins."""
     hierarchy: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -213,6 +216,7 @@ def write_spec(cp: Path, cfg: RunConfig, spec: ModelSpec) -> None:
         labels: dict[str, Any] = {"names": spec.labels, "train_counts": [int(c) for c in spec.label_counts or []]}
         if spec.input_genes is not None:
             labels["input_genes"] = list(spec.input_genes)
+        labels["wide_input"] = spec.wide_input
         (cp / LABELS).write_text(json.dumps(labels))
 
 
@@ -230,7 +234,7 @@ def read_spec(cp: Path) -> tuple[ModelSpec, RunConfig]:
     if (cp / LABELS).is_file():
         lab = json.loads((cp / LABELS).read_text())
         spec = replace(spec, labels=lab["names"], label_counts=lab["train_counts"], input_genes=lab.get("input_genes"),
-                       head=cfg.finetune.head)
+                       head=cfg.finetune.head, wide_input=lab.get("wide_input", "bins"))
     return spec, cfg
 
 
@@ -313,7 +317,8 @@ def _bundle_config(model: TrainedModel) -> dict[str, Any]:
     if spec.input_genes is not None:
         tokenizer["input_genes"] = list(spec.input_genes)
     return {"format": BUNDLE_FORMAT, "model": asdict(spec.model_cfg), "n_genes": len(spec.vocab),
-            "n_classes": len(spec.labels or []), "tokenizer": tokenizer, "head": spec.head, **model.provenance}
+            "n_classes": len(spec.labels or []), "tokenizer": tokenizer, "head": spec.head, "wide_input": spec.wide_input,
+            **model.provenance}
 
 
 def write_bundle(out: Path, model: TrainedModel, overwrite: bool = False) -> Path:
@@ -419,6 +424,11 @@ def _check_bundle_weights(path: Path, spec: ModelSpec, config: dict, state: dict
     ):
         got = None if wide is None else tuple(wide.shape)
         raise InputError(f"bundle {path}: classifier kind {spec.head!r} does not match its weights (wide part {got})")
+    scale = state.get("wide.gene_scale")
+    if wide is not None and (spec.wide_input not in WIDE_INPUTS or (spec.wide_input == "expression") != (scale is not None) or (
+        scale is not None and tuple(scale.shape) != (emb.shape[0],)
+    )):
+        raise InputError(f"bundle {path}: linear part reading {spec.wide_input!r} does not match its weights")
     head = state.get("head.weight")
     if head is None or head.shape[0] != len(spec.labels) or config.get("n_classes") != len(spec.labels):
         got = None if head is None else head.shape[0]
@@ -439,10 +449,11 @@ def load_bundle(path: Path) -> TrainedModel:
         label_counts=labels.get("train_counts", []),
         input_genes=config["tokenizer"].get("input_genes"),
         head=str(config.get("head", "transformer")),  # bundles older than finetune.head: transformer
+        wide_input=str(config.get("wide_input", "bins")),  # bundles older than finetune.wide_input: bins
         hierarchy=labels.get("hierarchy", {}),
     )
     _check_bundle_weights(path, spec, config, state)
-    known = {"format", "model", "n_genes", "n_classes", "tokenizer", "head"}
+    known = {"format", "model", "n_genes", "n_classes", "tokenizer", "head", "wide_input"}
     calibration = None
     if (path / CALIBRATION).is_file():
         try:

@@ -321,10 +321,19 @@ def test_finetune_on_variable_genes(world, tmp_path):
     a = ann.annotate(q.copy())
     unread = ~q.var_names.str.upper().isin([g.upper() for g in bundle.spec.input_genes])
     X = q.X.toarray()
-    X[:, unread] = X[:, unread] * 3 + 1  # change every gene the classifier does not read
+    # Change every gene the classifier does not read, keeping each cell's total (the library size
+    # that the linear part's log1p-per-10k input is normalised by): nothing it reads changes.
+    X[:, unread] = X[:, unread][:, ::-1]
     b = ann.annotate(ad.AnnData(X=sp.csr_matrix(X), obs=q.obs.copy(), var=q.var.copy()))
     np.testing.assert_allclose(b.obsm["X_celler"], a.obsm["X_celler"], atol=1e-5)
     assert list(b.obs["celler_label"]) == list(a.obs["celler_label"])
+    assert bundle.spec.wide_input == "expression"  # the default
+    # A query sequenced three times deeper, or given as log1p(counts per 10k), reads the same.
+    for Xq in (q.X * 3, sp.csr_matrix(np.log1p(q.X.toarray() / q.X.toarray().sum(1, keepdims=True) * 1e4))):
+        c = ann.annotate(ad.AnnData(X=sp.csr_matrix(Xq), obs=q.obs.copy(), var=q.var.copy()))
+        np.testing.assert_allclose(c.obsm["X_celler"], a.obsm["X_celler"], atol=1e-5)
+        np.testing.assert_allclose(c.obs["celler_confidence"], a.obs["celler_confidence"], atol=1e-4)
+        assert list(c.obs["celler_label"]) == list(a.obs["celler_label"])
 
 
 @pytest.mark.slow

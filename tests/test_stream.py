@@ -293,3 +293,23 @@ def test_whole_store_fingerprint_is_its_ranges_and_old_states_still_resume(store
     assert not filtered._selection.is_ranges and filtered.fingerprint == state["fingerprint"]
     with pytest.raises(HicellerError, match="store selection"):
         make(store_uri, world_size=2, rank=1).load_state_dict({**state, "fingerprint": "0" * 16})
+
+
+def test_expression_batches_carry_log1p_per_10k_over_every_stored_gene(store_uri):
+    """``expression=True``: each token also carries log1p(value / cell total * 1e4), the total taken
+    over all the cell's stored genes, also those gene_map drops; tokens and bins are unchanged."""
+    gene_map = np.full(N_GENES, -1, dtype=np.int64)
+    gene_map[::2] = np.arange(0, N_GENES, 2)
+    plain = list(make(store_uri, world_size=1, rank=0, gene_map=gene_map))
+    expr = list(make(store_uri, world_size=1, rank=0, gene_map=gene_map, expression=True))
+    assert plain and all(p.expr is None for p in plain)
+    for p, e in zip(plain, expr):
+        assert torch.equal(p.gene_ids, e.gene_ids) and torch.equal(p.values, e.values)
+        cu = e.cu_seqlens.numpy()
+        for i, j in enumerate(e.joinids.tolist()):
+            genes = cell_genes(j)
+            raw = np.arange(1, len(genes) + 1, dtype=np.float64)  # build_store's values
+            want = dict(zip(genes.tolist(), np.log1p(raw / raw.sum() * 1e4)))
+            toks = e.gene_ids[cu[i] + 1 : cu[i + 1]].numpy() - N_SPECIAL
+            assert e.expr[cu[i]] == 0  # <cls>
+            np.testing.assert_allclose(e.expr[cu[i] + 1 : cu[i + 1]].numpy(), [want[g] for g in toks], rtol=1e-6)

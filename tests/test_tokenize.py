@@ -15,6 +15,7 @@ from data_store.tokenize import (
     N_SPECIAL,
     TokenizedCells,
     Tokenizer,
+    log1p_normalize,
     sampling_priority,
 )
 
@@ -318,3 +319,39 @@ def test_kth_smallest_matches_a_sort(top_bytes: int) -> None:
         counts, bucket = np.empty(256, np.int64), np.empty(n, np.uint64)
         for k in {0, n // 3, n - 1}:
             assert _kth_smallest(x, k, counts, bucket) == want[k]
+
+
+def test_keep_values_returns_each_kept_tokens_input_and_changes_nothing_else(counts_block: Block) -> None:
+    """``keep_values``: ``expr`` is each kept token's input value (0 at <cls>), read back from the
+    sort key; gene ids and bins are those of a call without it, sampled cells included."""
+    tk = Tokenizer(n_bins=51, max_genes=50)
+    plain = run(tk, counts_block)
+    kept = tk.tokenize(counts_block.rows, counts_block.genes, counts_block.values, counts_block.n_cells,
+                       cell_keys=counts_block.keys, keep_values=True)
+    assert plain.expr is None and kept.expr.dtype == np.float32
+    np.testing.assert_array_equal(plain.gene_ids, kept.gene_ids)
+    np.testing.assert_array_equal(plain.values, kept.values)
+    rows = np.repeat(np.arange(kept.n_cells), kept.lengths)
+    is_cls = kept.gene_ids == CLS_ID
+    assert (kept.expr[is_cls] == 0).all()
+    want = counts_block.dense[rows[~is_cls], kept.gene_ids[~is_cls] - N_SPECIAL]
+    np.testing.assert_array_equal(kept.expr[~is_cls], want)
+    # expr follows the cells through select and concat
+    sel = kept.select([3, 0, 2])
+    np.testing.assert_array_equal(sel.expr, np.concatenate([kept.expr[kept.offsets[i]:kept.offsets[i + 1]] for i in (3, 0, 2)]))
+    both = TokenizedCells.concat([kept.select(slice(0, 5)), kept.select(slice(5, 9))])
+    np.testing.assert_array_equal(both.expr, kept.select(slice(0, 9)).expr)
+
+
+def test_log1p_normalize_agrees_for_counts_and_their_log_expression(counts_block: Block) -> None:
+    """Counts and the same cells stored as log1p(counts per 10k) normalise to the same values (the
+    library size is the cell's total over all its entries); the transform keeps every bin."""
+    b = counts_block
+    from_counts = log1p_normalize(b.rows, b.values, b.n_cells)
+    total = np.bincount(b.rows, weights=b.values.astype(np.float64), minlength=b.n_cells)
+    np.testing.assert_allclose(from_counts, np.log1p(b.values / total[b.rows] * 1e4), rtol=1e-6)
+    logged = np.log1p(b.values.astype(np.float64) / total[b.rows] * 1e4).astype(np.float32)
+    from_log = log1p_normalize(b.rows, logged, b.n_cells, np.ones(b.n_cells, dtype=bool))
+    np.testing.assert_allclose(from_log, from_counts, rtol=1e-5, atol=1e-5)
+    tk = Tokenizer(n_bins=51, max_genes=50)
+    np.testing.assert_array_equal(run(tk, b).values, tk.tokenize(b.rows, b.genes, from_counts, b.n_cells, cell_keys=b.keys).values)
