@@ -166,3 +166,65 @@ def test_wide_part_trains_at_its_own_rate():
     assert sum(len(g["params"]) for g in groups) == len(list(task.parameters()))
     scaled = [g for g in groups if "lr" in g]
     assert sorted(g["weight_decay"] for g in scaled) == [0.0, 0.01]
+
+
+def test_wide_part_reading_expression_is_a_regression_on_scaled_log1p_with_an_l1_penalty():
+    """finetune.wide_input=expression: the linear part's logits are ``bias + W^T x`` with ``x`` the
+    cell's log1p(counts per 10k) divided per gene by its ``gene_scale`` max (the baseline's input);
+    wide_l1 adds ``l1 * sum |W|`` to the training loss only, and a batch without expr is refused."""
+    from data_store.tokenize import log1p_normalize
+
+    counts, y = toy_cells(n_cells=40)
+    n_cells, n_genes = counts.shape
+    norm = log1p_normalize(counts.row, counts.data, n_cells)
+    tok = Tokenizer(n_bins=N_BINS, max_genes=1000).tokenize(counts.row, counts.col, norm, n_cells,
+                                                           cell_keys=np.arange(n_cells, dtype=np.uint64), keep_values=True)
+    b = pack(tok)
+    x = np.zeros((n_cells, n_genes), dtype=np.float32)
+    x[counts.row, counts.col] = norm
+    top = x.max(0)
+    task = ClassifierTask(CellerModel(ModelConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32, dropout=0.0, attention="sdpa"),
+                                      n_genes=n_genes, n_bins=N_BINS), 3, "ce", np.ones(3), head="linear",
+                          wide_input="expression", wide_l1=1e-2)
+    assert task.reads_expression and "wide.gene_scale" in task.state_dict()
+    with torch.no_grad():
+        task.wide.gene_scale[N_SPECIAL:] = torch.from_numpy(1 / top)
+        task.wide.weight.normal_()
+    w = task.wide.weight.detach().numpy()[N_SPECIAL:]
+    want = (x / top) @ w + task.wide.bias.detach().numpy()
+    got = task.train_logits(b.gene_ids, b.values, b.cu_seqlens, b.max_seqlen, b.expr).detach().numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    labels = torch.from_numpy(y)
+    task.train()
+    loss, _ = task(b.gene_ids, b.values, b.cu_seqlens, b.max_seqlen, labels, None, b.expr)
+    ce = F.cross_entropy(torch.from_numpy(want).float(), labels)
+    torch.testing.assert_close(loss, ce + 1e-2 * task.wide.weight.abs().sum(), rtol=1e-4, atol=1e-4)
+    task.eval()
+    loss_eval, _ = task(b.gene_ids, b.values, b.cu_seqlens, b.max_seqlen, labels, None, b.expr)
+    torch.testing.assert_close(loss_eval, ce, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="reads expression"):
+        task.train_logits(b.gene_ids, b.values, b.cu_seqlens, b.max_seqlen)
+
+
+def test_bundle_round_trip_keeps_what_the_linear_part_reads(tmp_path):
+    """A bundle says what its linear part reads; the spec and the weights must agree on it."""
+    from dataclasses import replace
+
+    from hiceller.errors import InputError
+    from pretrain.layout import ModelSpec, TrainedModel, _check_bundle_weights, load_bundle, write_bundle
+
+    cfg = ModelConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32, dropout=0.0, attention="sdpa")
+    task = ClassifierTask(CellerModel(cfg, n_genes=30, n_bins=N_BINS), 3, "ce", np.ones(3), head="joint", wide_input="expression")
+    spec = ModelSpec(cfg, N_BINS, 100, [f"G{i}" for i in range(30)], labels=["a", "b", "c"], label_counts=[5, 5, 5],
+                     head="joint", wide_input="expression")
+    state = {k: v.clone() for k, v in task.state_dict().items()}
+    out = write_bundle(tmp_path / "b", TrainedModel(spec, state, tmp_path, {}, {}))
+    loaded = load_bundle(out)
+    assert loaded.spec.wide_input == "expression" and "wide.gene_scale" in loaded.state_dict
+    config = {"n_genes": 30, "n_classes": 3}
+    with pytest.raises(InputError, match="reading 'bins' does not match"):
+        _check_bundle_weights(out, replace(spec, wide_input="bins"), config, state)
+    bins_state = {k: v for k, v in state.items() if k != "wide.gene_scale"}
+    _check_bundle_weights(out, replace(spec, wide_input="bins"), config, bins_state)  # older bundles: fine
+    with pytest.raises(InputError, match="reading 'expression' does not match"):
+        _check_bundle_weights(out, spec, config, bins_state)
