@@ -172,12 +172,12 @@ def _build_engine(cfg: RunConfig, task: nn.Module, dist: DistInfo, tracker: Trac
     return engine, sched, _report_setup(cfg, attention, opt, dist, tracker, log_prefix)
 
 
-def _start_step(engine, run_dir: Path, cp: Path | None, meta: dict | None, streams: list["CellStream"], dist: DistInfo,
-                log_prefix: str) -> int:
+def _start_step(engine, run_dir: Path, cp: Path | None, meta: dict | None, universal: bool, streams: list["CellStream"],
+                dist: DistInfo, log_prefix: str) -> int:
     """The step to start from (resumed from ``cp`` or 0); metrics.jsonl trimmed to match it."""
     step = 0
     if cp is not None:
-        step = _load(engine, cp, meta, streams, dist)
+        step = _load(engine, cp, meta, universal, streams, dist)
         if dist.is_main:
             moved = f" (saved on {meta['world_size']} rank(s))" if meta["world_size"] != dist.world_size else ""
             print(f"{log_prefix}resumed from {cp}{moved} at step {step} on {dist.world_size} rank(s)", flush=True)
@@ -260,11 +260,11 @@ def train(
     run_dir = Path(run_dir)
     cp = _resume_point(run_dir, resume, dist) if resume else None
     meta = _read_meta(cp) if cp is not None else None
-    universal = meta is not None and meta["world_size"] != dist.world_size
+    universal = meta is not None and meta["world_size"] != dist.world_size and _partitioned(cp)
     if universal:
         _convert_universal(cp, dist, log_prefix)
     engine, sched, setup = _build_engine(cfg, task, dist, tracker, log_prefix, load_universal=universal)
-    step = _start_step(engine, run_dir, cp, meta, streams, dist, log_prefix)
+    step = _start_step(engine, run_dir, cp, meta, universal, streams, dist, log_prefix)
     feed = MicroBatchFeed(task, streams, cfg, dist.device, lookahead=dist.device.type == "cuda")
     result = LoopResult(step=step, setup=setup)
     bar = None
@@ -427,6 +427,13 @@ def _read_meta(cp: Path) -> dict[str, Any]:
     return meta
 
 
+def _partitioned(cp: Path) -> bool:
+    """Whether DeepSpeed partitioned the optimizer state of ``cp`` over its ranks (ZeRO 1-3, or the
+    bf16 optimizer): it wrote ``*optim_states.pt`` files. Otherwise (ZeRO 0 in fp32) the whole state
+    is in the model states file and loads on any number of ranks as it is."""
+    return any(cp.glob("*optim_states.pt"))
+
+
 def _convert_universal(cp: Path, dist: DistInfo, log_prefix: str) -> None:
     """Rank 0 converts ``cp`` to DeepSpeed's universal form (once; pretrain/layout.py) while the
     others wait; every rank fails in one line if it could not."""
@@ -448,6 +455,30 @@ def _convert_universal(cp: Path, dist: DistInfo, log_prefix: str) -> None:
         raise HicellerError(f"checkpoint {cp} could not be converted to a universal checkpoint (see rank 0)")
 
 
+def _group_settings(engine) -> list[dict[str, Any]]:
+    """Each optimizer param group's settings but its parameters (weight decay, betas, lr scale)."""
+    return [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.optimizer.param_groups]
+
+
+def _restore_group_settings(engine, groups: list[dict[str, Any]]) -> None:
+    """Undo two slips of ZeRO-3's universal load (DeepSpeed 0.19, stage3.py
+    load_hp_checkpoint_state_from_checkpoint_dir_stage3); ZeRO 1/2 load each group by itself.
+
+    It gives every param group the settings of the first, so the no-decay group (biases, norms)
+    would decay from then on: each group gets its own settings back, and the resumed scheduler's lr.
+    It gives every parameter partition one shared ``step`` tensor, which torch's AdamW increments in
+    place once per group at every step: each gets its own copy (seen as a loss drifting from the
+    uninterrupted run's from the second step after the resume, tests/test_resume_world.py)."""
+    if engine.zero_optimization_stage() != 3:
+        return
+    opt = engine.optimizer.optimizer
+    for g, saved, lr in zip(opt.param_groups, groups, engine.lr_scheduler.get_last_lr()):
+        g.update({k: v for k, v in saved.items() if k != "lr"}, lr=lr)
+    for state in opt.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+
+
 def _loader_states(cp: Path, meta: dict[str, Any]) -> list[dict]:
     """Every stream state of the saved world, in stream-rank order (rank r's shard s is r*S+s)."""
     states = []
@@ -460,13 +491,14 @@ def _loader_states(cp: Path, meta: dict[str, Any]) -> list[dict]:
     return states
 
 
-def _load(engine, cp: Path, meta: dict[str, Any], streams: list["CellStream"], dist: DistInfo) -> int:
-    """Engine and loader state of ``cp`` (saved on this world, or converted to universal form)."""
-    universal = meta["world_size"] != dist.world_size
+def _load(engine, cp: Path, meta: dict[str, Any], universal: bool, streams: list["CellStream"], dist: DistInfo) -> int:
+    """Engine and loader state of ``cp``, from its universal form when ``universal``."""
     _check_files(cp)
     try:
         if universal:
+            groups = _group_settings(engine)
             path, client = engine.load_checkpoint(str(cp), tag=layout.UNIVERSAL, load_module_strict=True)
+            _restore_group_settings(engine, groups)
         else:
             path, client = engine.load_checkpoint(str(cp.parent), tag=cp.name, load_module_strict=True)
     except Exception as e:  # never continue from a partial load

@@ -1,5 +1,5 @@
 """Resuming pretraining on another number of ranks (DeepSpeed universal checkpoints + the loaders'
-epoch continued on the new world): 2 -> 1, 1 -> 2 and 2 -> 3 ranks, over ZeRO 1, 2, 3, fp32 and bf16.
+epoch continued on the new world): 2 -> 1, 1 -> 2 and 2 -> 3 ranks, over ZeRO 3 (fp32), 1 and 2 (bf16).
 
 Each case runs the old world uninterrupted past the end of the first epoch, with a checkpoint at
 step ``stop``; a copy of its run folder as it was at that checkpoint is resumed on the new world
@@ -98,11 +98,11 @@ def resume_case(store: str, tmp_path: Path, old: tuple[int, list[str]], new: tup
     return ref, got, first
 
 
-def test_two_to_one_rank_zero1_fp32_continues_exactly(store, tmp_path):
+def test_two_to_one_rank_zero3_fp32_continues_exactly(store, tmp_path):
     """2 ranks -> 1 rank reading both ranks' shards (train.data_shards_per_rank=2): the same cells
     and masks as the uninterrupted run, so the re-partitioned optimizer state must give its losses."""
     ref, got, _ = resume_case(store, tmp_path, (2, []), (1, ["train.grad_accum=2", "train.data_shards_per_rank=2"]),
-                              stop=3, steps=10, common=["deepspeed.zero_stage=1", 'deepspeed.precision="fp32"'])
+                              stop=3, steps=10, common=["deepspeed.zero_stage=3", 'deepspeed.precision="fp32"'])
     assert losses(got) == pytest.approx(losses(ref), rel=1e-4)
 
 
@@ -115,9 +115,9 @@ def _close_to(ref: list[dict], got: list[dict], stop: int, rel: float) -> None:
     assert all(y == pytest.approx(x, rel=3 * rel) for x, y in zip(a, b))
 
 
-def test_one_to_two_ranks_zero3_bf16(store, tmp_path):
+def test_one_to_two_ranks_zero1_bf16(store, tmp_path):
     ref, got, _ = resume_case(store, tmp_path, (1, ["train.grad_accum=2"]), (2, []), stop=3, steps=10,
-                              common=["deepspeed.zero_stage=3", 'deepspeed.precision="bf16"'])
+                              common=["deepspeed.zero_stage=1", 'deepspeed.precision="bf16"'])
     _close_to(ref, got, 3, rel=0.05)
 
 
