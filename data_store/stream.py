@@ -299,7 +299,8 @@ class CellStream(IterableDataset):
         if world == self.world_size:
             self.load_state_dict(states[self.rank])
             return
-        if len({st.get("epoch") for st in states}) != 1 or len({json.dumps(st.get("history", []), sort_keys=True) for st in states}) != 1:
+        histories = {json.dumps(st.get("history", []), sort_keys=True) for st in states}
+        if len({st.get("epoch") for st in states}) != 1 or len(histories) != 1:
             raise HicellerError("loader states of the saved world are from different epochs; the checkpoint is inconsistent")
         # The checks of load_state_dict (store, seed, batch size), with the saved world taken as ours.
         self.load_state_dict({**states[0], "world_size": self.world_size, "position": 0, "history": []})
