@@ -352,3 +352,24 @@ def test_resumed_epoch_state_resumes_exactly_and_next_epoch_is_plain(store_uri):
     assert joinids_of(b.dataloader()) == joinids_of(plain.dataloader())
     with pytest.raises(HicellerError, match="one world"):
         make(store_uri, rank=0, world_size=3).load_epoch_state(states[::-1])
+
+
+def test_epoch_moved_twice_still_sees_every_cell_once(store_uri):
+    """2 streams -> 3 -> 1 within one epoch (two resumes on other worlds before it ends)."""
+    seen, states = [], []
+    for r in range(2):
+        s = make(store_uri, rank=r, world_size=2)
+        seen += _take(s, 4)
+        states.append(s.state_dict())
+    mid = []
+    for r in range(3):
+        s = make(store_uri, rank=r, world_size=3)
+        s.load_epoch_state(states)
+        seen += _take(s, 5)
+        mid.append(s.state_dict())
+    assert [len(st["history"]) for st in mid] == [1, 1, 1]
+    last = make(store_uri, rank=0, world_size=1)
+    last.load_epoch_state(mid)
+    seen += joinids_of(last.dataloader())
+    assert len(seen) == len(set(seen))
+    assert 0 <= 601 - len(seen) < 8
