@@ -62,6 +62,8 @@ def _add_cluster(sub: argparse._SubParsersAction) -> None:
     s = csub.add_parser("slurm", help="print an sbatch script (one deepspeed --no_ssh per node)")
     _add_config_args(s, default="base")
     s.add_argument("--nodes", type=int, required=True)
+    s.add_argument("--min-nodes", type=int, default=None,
+                   help="let SLURM start (or requeue) the job on as few as this many nodes; it resumes on them")
     s.add_argument("--gpus-per-node", type=int, required=True)
     s.add_argument("--time", required=True, help="wall-clock limit, HH:MM:SS or D-HH:MM:SS")
     s.add_argument("--partition", default=None)
@@ -125,7 +127,7 @@ def _cmd_slurm(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     job = SlurmJob(
-        nodes=args.nodes, gpus_per_node=args.gpus_per_node, time=args.time, store=args.store, out=args.out,
+        nodes=args.nodes, min_nodes=args.min_nodes, gpus_per_node=args.gpus_per_node, time=args.time, store=args.store, out=args.out,
         partition=args.partition, cpus_per_task=args.cpus_per_task, tracking_uri=args.tracking_uri,
         module=args.module, master_port=args.master_port,
     )

@@ -8,7 +8,10 @@ single local node and rewrites the master address to 127.0.0.1), so the script w
 ``cluster.env`` settings are exported in the script and ``srun`` passes the environment on.
 
 The run config is written into the script itself, so a requeued job runs exactly what was
-submitted, and the job resumes from the latest checkpoint in the run directory.
+submitted, and the job resumes from the latest checkpoint in the run directory. Node and rank
+counts are read from SLURM when the job starts (``$SLURM_NNODES``, ``$SLURM_JOB_NODELIST``), never
+fixed in the script: with ``min_nodes`` (``#SBATCH --nodes=MIN-MAX``) a job that starts or is
+requeued on fewer nodes runs on those, and ``--resume auto`` continues the run on that world size.
 """
 
 from __future__ import annotations
@@ -59,11 +62,15 @@ class SlurmJob:
     module: str = "pretrain"
     master_port: int | None = None
     """Default: derived from the job id, so jobs sharing a node do not collide."""
+    min_nodes: int | None = None
+    """Fewest nodes SLURM may start (or requeue) the job on (None: exactly ``nodes``)."""
 
     def __post_init__(self) -> None:
         for flag, value in (("--nodes", self.nodes), ("--gpus-per-node", self.gpus_per_node)):
             if value < 1:
                 raise InputError(f"{flag} must be >= 1, got {value}")
+        if self.min_nodes is not None and not 1 <= self.min_nodes <= self.nodes:
+            raise InputError(f"--min-nodes must be in 1..--nodes ({self.nodes}), got {self.min_nodes}")
         if self.cpus_per_task is not None and self.cpus_per_task < 1:
             raise InputError(f"--cpus-per-task must be >= 1, got {self.cpus_per_task}")
         if self.partition is not None and not _PARTITION.match(self.partition):
@@ -79,7 +86,7 @@ def _sbatch_header(job: SlurmJob, name: str) -> list[str]:
     cpus = job.cpus_per_task or 8 * job.gpus_per_node
     lines = [
         f"#SBATCH --job-name=hiceller-{name}",
-        f"#SBATCH --nodes={job.nodes}",
+        f"#SBATCH --nodes={job.nodes}" if job.min_nodes in (None, job.nodes) else f"#SBATCH --nodes={job.min_nodes}-{job.nodes}",
         "#SBATCH --ntasks-per-node=1",
         f"#SBATCH --gpus-per-node={job.gpus_per_node}",
         f"#SBATCH --cpus-per-task={cpus}",
@@ -122,7 +129,8 @@ def _master_port(job: SlurmJob) -> str:
 def sbatch_script(job: SlurmJob, cfg: RunConfig) -> str:
     """The sbatch script text for ``job`` running ``cfg``."""
     # The same checks `hiceller launch` makes, on the GPUs the job will have.
-    deepspeed_config(cfg, job.nodes * job.gpus_per_node, "cuda")
+    for nodes in {job.nodes, job.min_nodes or job.nodes}:
+        deepspeed_config(cfg, nodes * job.gpus_per_node, "cuda")
     inner = _node_command(job)
     lines = [
         "#!/bin/bash",

@@ -34,11 +34,16 @@ Resume: ``state_dict()`` records epoch and the number of batches the consumer ha
 whole layout is a function of the seed, ``load_state_dict`` just skips that many batches (whole
 windows without reading them), so the stream yields exactly the batches an uninterrupted run would
 have yielded next. The world size, worker count and store must match; they are checked.
+A run resumed on another world continues the epoch with :meth:`CellStream.load_epoch_state`: the
+states of every stream of the saved world give the cells they had taken (a function of the seed
+again), and the new world's ranks share the cells left (``remaining_order`` in data_store/layout.py),
+so over the epoch no cell is read twice and none is skipped.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterator
 
@@ -48,7 +53,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_store.batching import pack, to_padded
-from data_store.layout import StreamLayout, batches_per_rank, rank_layout
+from data_store.layout import (EpochStage, StreamLayout, batches_per_rank, per_worker_skip, rank_layout, remaining_order,
+                               window_batches, window_perm)
 from data_store.store import CorpusStore, XReader
 from data_store.tokenize import TokenizedCells, Tokenizer, log1p_normalize
 from hiceller.config import RunConfig
@@ -167,6 +173,10 @@ class CellStream(IterableDataset):
         self._start_batch = 0
         self._position = 0
         self.num_workers = 0
+        self._history: list[EpochStage] = []
+        """Earlier worlds of this epoch (resumed on another world size); empty when it began here."""
+        self._resumed: np.ndarray | None = None
+        """This rank's stretch of what those worlds left of the epoch (positions into J)."""
 
         store_obj = CorpusStore.open(self.store_uri)
         logexpr = [(d.start, d.stop) for d in store_obj.complete_datasets() if d.kind == "logexpr"]
@@ -231,7 +241,9 @@ class CellStream(IterableDataset):
         return self._selection.joinids()
 
     def __len__(self) -> int:
-        """Batches this rank yields per epoch."""
+        """Batches this rank yields per epoch (in an epoch resumed on another world: of what is left)."""
+        if self._resumed is not None:
+            return len(self._resumed) // self.batch_cells
         n = batches_per_rank(self.n_cells, self.world_size, self.batch_cells, self.remainder)
         if n == 0:
             raise InputError(
@@ -244,6 +256,7 @@ class CellStream(IterableDataset):
         self.epoch = int(epoch)
         self._start_batch = 0
         self._position = 0
+        self._history, self._resumed = [], None
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -255,6 +268,7 @@ class CellStream(IterableDataset):
             "seed": self.seed,
             "batch_cells": self.batch_cells,
             "fingerprint": self.fingerprint,
+            "history": [st.to_dict() for st in self._history],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -275,13 +289,55 @@ class CellStream(IterableDataset):
                     "resume needs the same store, world size, seed and batch size"
                 )
         self.epoch = int(state["epoch"])
+        self._set_history([EpochStage.from_dict(d) for d in state.get("history", [])])
         self._start_batch = int(state["position"])
         self._position = self._start_batch
         self._saved_workers = state.get("num_workers", 0)
 
+    def load_epoch_state(self, states: list[dict[str, Any]]) -> None:
+        """Continue the epoch of a run saved on any world: ``states`` are the ``state_dict()`` of every
+        stream of that world, in rank order. On the same world this is ``load_state_dict`` of this
+        rank's state; on another one the epoch goes on with the cells the saved streams had not
+        taken, shared by this world's ranks (the next epoch is laid out on this world as usual)."""
+        world = len(states)
+        if world == 0 or any(st.get("world_size") != world or st.get("rank") != r for r, st in enumerate(states)):
+            raise HicellerError(f"loader states of {world} stream(s) do not form one world (rank r of world {world} each)")
+        if world == self.world_size:
+            self.load_state_dict(states[self.rank])
+            return
+        histories = {json.dumps(st.get("history", []), sort_keys=True) for st in states}
+        if len({st.get("epoch") for st in states}) != 1 or len(histories) != 1:
+            raise HicellerError("loader states of the saved world are from different epochs; the checkpoint is inconsistent")
+        # The checks of load_state_dict (store, seed, batch size), with the saved world taken as ours.
+        self.load_state_dict({**states[0], "world_size": self.world_size, "position": 0, "history": []})
+        stage = EpochStage(world, int(states[0].get("num_workers", 0)), tuple(int(st["position"]) for st in states))
+        self._set_history([EpochStage.from_dict(d) for d in states[0].get("history", [])] + [stage])
+        self._saved_workers = None
+
+    def _set_history(self, history: list[EpochStage]) -> None:
+        self._history = history
+        if not history:
+            self._resumed = None
+            return
+        rest = remaining_order(self.n_cells, history, batch_cells=self.batch_cells, block_size=self.block_size,
+                               buffer_blocks=self.buffer_blocks, shuffle=self.shuffle, seed=self.seed, epoch=self.epoch,
+                               remainder=self.remainder)
+        # This rank's stretch only: the whole rest is freed here (workers get a copy of the stretch).
+        self._resumed = rank_layout(len(rest), rank=self.rank, world_size=self.world_size, batch_cells=self.batch_cells,
+                                    block_size=self.block_size, buffer_blocks=self.buffer_blocks, num_workers=1,
+                                    shuffle=self.shuffle, seed=self.seed, epoch=self.epoch, remainder=self.remainder,
+                                    base=rest).order
+
     # ------------------------------------------------------------------ layout
     def layout_for(self, rank: int | None = None, num_workers: int | None = None) -> StreamLayout:
         """This epoch's layout of ``rank`` (data_store/layout.py); no data is read."""
+        nw = max(1, self.num_workers if num_workers is None else num_workers)
+        if self._resumed is not None:
+            if rank is not None and rank != self.rank:
+                raise ValueError("the layout of another rank in an epoch resumed on another world is not kept")
+            n_batches = len(self)
+            return StreamLayout(order=self._resumed, n_batches=n_batches,
+                                window_batches=window_batches(n_batches, self.batch_cells, self.block_size, self.buffer_blocks, nw))
         len(self)  # refuses a selection too small for the world
         return rank_layout(
             self.n_cells,
@@ -290,7 +346,7 @@ class CellStream(IterableDataset):
             batch_cells=self.batch_cells,
             block_size=self.block_size,
             buffer_blocks=self.buffer_blocks,
-            num_workers=max(1, self.num_workers if num_workers is None else num_workers),
+            num_workers=nw,
             shuffle=self.shuffle,
             seed=self.seed,
             epoch=self.epoch,
@@ -302,7 +358,7 @@ class CellStream(IterableDataset):
         info = get_worker_info()
         worker, nw = (0, 1) if info is None else (info.id, info.num_workers)
         layout = self.layout_for(num_workers=nw)
-        skips, turn = _per_worker_skip(layout, nw, self._start_batch)
+        skips, turn = per_worker_skip(layout, nw, self._start_batch)
         # The DataLoader always asks worker 0 first; after a resume the next batch belongs to the
         # logical worker whose turn it was, so physical worker p plays logical worker p + turn.
         worker = (worker + turn) % nw
@@ -334,11 +390,8 @@ class CellStream(IterableDataset):
         # batch instead of reordering the whole window first). Wrap mode may repeat a cell.
         uniq, where = np.unique(pos, return_inverse=True)
         cells = self._read_tokens(reader, uniq)
-        if self.shuffle:
-            rng = np.random.default_rng([self.seed, self.epoch, self.rank, k, 7])
-            perm = rng.permutation(len(pos))
-        else:
-            perm = np.arange(len(pos))
+        perm = window_perm(len(pos), shuffle=self.shuffle, seed=self.seed, epoch=self.epoch, rank=self.rank, window=k,
+                           stage=len(self._history))
         for b in range(sl.stop - sl.start):
             idx = perm[b * self.batch_cells : (b + 1) * self.batch_cells]
             p = pos[idx]
@@ -533,28 +586,6 @@ def _cell_rows(d0: np.ndarray, jids: np.ndarray) -> tuple[np.ndarray, bool]:
         raise HicellerError("store returned X rows that were not asked for; the store may be damaged")
     by_cell = bool(np.all(local[1:] > local[:-1]))
     return np.repeat(local, np.diff(starts, append=d0.size)), by_cell
-
-
-def _per_worker_skip(layout: StreamLayout, nw: int, consumed: int) -> tuple[list[int], int]:
-    """How many batches each worker already delivered when the consumer took ``consumed`` of them,
-    and the worker whose turn is next.
-
-    The DataLoader takes batches from workers round-robin (worker 0, 1, ..., skipping workers that
-    are done); replaying that order tells each worker where to restart."""
-    counts = [0] * nw
-    for k in layout.windows():
-        sl = layout.window_slice(k)
-        counts[k % nw] += sl.stop - sl.start
-    skip = [0] * nw
-    left = list(counts)
-    w = 0
-    for _ in range(consumed):
-        while left[w] == 0:
-            w = (w + 1) % nw
-        skip[w] += 1
-        left[w] -= 1
-        w = (w + 1) % nw
-    return skip, w
 
 
 def _apply_lists(obs: pd.DataFrame, datasets, donors, exclude_donors, joinids) -> pd.DataFrame:

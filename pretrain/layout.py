@@ -7,7 +7,8 @@ read, resolved and checked. Every other module calls this one instead of buildin
       mlflow_run_id                    the MLflow run this folder logs into
       checkpoints/step_00000100/       DeepSpeed's shards, loader_rank{R}.json, the model files
                                        (config.toml, vocab.json; labels.json for a classifier),
-                                       meta.json, and COMPLETE, written last by rank 0
+                                       meta.json, and COMPLETE, written last by rank 0;
+                                       universal/ once resumed on another number of ranks
     FINETUNE/                          a fine-tuning run
       split.parquet  summary.json      the cells' split; the best round and its metrics
       phase1/ round1/ ...              one RUN folder per round (+ val_* artifacts, hard_cells.parquet)
@@ -24,6 +25,7 @@ vocab.json / labels.json beside safetensors; :func:`load_trained` reads any of t
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import io
@@ -52,7 +54,7 @@ __all__ = [
     "tag_for", "checkpoint_root", "list_checkpoints", "latest_complete", "resolve_checkpoint",
     "write_json_atomic", "mark_complete", "prune", "write_run_files", "write_spec", "read_spec", "read_run_config",
     "round_name", "round_dir", "write_summary", "read_summary", "best_round_dir", "bundle_of", "run_folder_of",
-    "write_bundle", "verify_bundle", "load_bundle", "load_trained", "consolidate",
+    "write_bundle", "verify_bundle", "load_bundle", "load_trained", "consolidate", "UNIVERSAL", "universal_checkpoint",
 ]
 
 CONFIG = "config.toml"
@@ -65,6 +67,8 @@ BUNDLE_DIR = "model"
 CHECKPOINT_DIR = "checkpoints"
 COMPLETE = "COMPLETE"
 META = "meta.json"
+UNIVERSAL = "universal"
+"""DeepSpeed's universal form of a checkpoint (ds_to_universal), inside the checkpoint's folder."""
 BUNDLE_FILES = ("model.safetensors", "config.json", "vocab.json", "labels.json", "metrics.json")
 CALIBRATION = "calibration.json"
 """Optional (bundles written before it have none): temperature, thresholds, novelty centroids."""
@@ -256,6 +260,36 @@ def consolidate(cp: Path, zero_stage: int) -> dict[str, torch.Tensor]:
         raise HicellerError(f"checkpoint {cp} cannot be consolidated ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     # Checkpoints written before GInf's buffer became non-persistent carry it: it is not a weight.
     return {k: v.float() for k, v in sd.items() if not k.startswith("ginf.")}
+
+
+def universal_checkpoint(cp: Path) -> Path:
+    """The universal form of complete checkpoint folder ``cp``: DeepSpeed's own ds_to_universal, which
+    re-partitions model and optimizer state for any number of ranks (ZeRO 1-3, fp32 and bf16).
+    Converted once, into ``cp/universal``, atomically (a temporary sibling renamed into place);
+    loaded with ``{"checkpoint": {"load_universal": true}}`` as tag ``universal`` of ``cp``."""
+    out = cp / UNIVERSAL
+    if out.is_dir():
+        return out
+    select_accelerator()
+    import deepspeed  # noqa: F401  (sets up the accelerator before ds_to_universal imports it)
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{UNIVERSAL}.partial-", dir=cp))
+    # Worker counts of 1 convert in this process: no process pool forked from a training rank.
+    # inject_missing_state: checkpoints saved before the loop recorded universal_checkpoint_info.
+    args = argparse.Namespace(input_folder=str(cp), output_folder=str(tmp), num_extract_workers=1, num_merge_workers=1,
+                              keep_temp_folder=False, strict=True, inject_missing_state=True)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            ds_to_universal(args)
+        os.replace(tmp, out)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(e, Exception):
+            raise
+        detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise HicellerError(f"checkpoint {cp} could not be converted to a universal checkpoint ({type(e).__name__}: {detail})") from None
+    return out
 
 
 # ------------------------------------------------------------------ fine-tuning runs

@@ -10,6 +10,9 @@ Pretraining and fine-tuning both run through :func:`train`; what differs is the 
 
 Checkpoints (pretrain/layout.py) hold the engine state and every shard's loader position, so
 ``--resume auto`` continues with exactly the batches and masks the uninterrupted run would have used.
+On another number of ranks, it converts the checkpoint once to DeepSpeed's universal form (model
+and optimizer state re-partitioned by DeepSpeed) and the loaders finish the epoch with the cells
+the saved ranks had not taken (``CellStream.load_epoch_state``); the LR schedule goes on from the step.
 
 On CUDA the loop also takes the GPU path: micro batches are copied one ahead from pinned memory on a
 side stream (pretrain/feed.py), AdamW is DeepSpeed's FusedAdam where it builds (pretrain/optim.py),
@@ -143,12 +146,15 @@ def _memory_mb(device: torch.device) -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
-def _build_engine(cfg: RunConfig, task: nn.Module, dist: DistInfo, tracker: Tracker, log_prefix: str):
-    """The DeepSpeed engine around ``task`` with the loop's AdamW and warm-up + cosine schedule."""
+def _build_engine(cfg: RunConfig, task: nn.Module, dist: DistInfo, tracker: Tracker, log_prefix: str, load_universal: bool = False):
+    """The DeepSpeed engine around ``task`` with the loop's AdamW and warm-up + cosine schedule;
+    ``load_universal``: it is to load a universal checkpoint."""
     import deepspeed
 
     device_kind = "cuda" if dist.device.type == "cuda" else "cpu"
     ds_cfg = deepspeed_config(cfg, dist.world_size, device_kind)
+    if load_universal:
+        ds_cfg["checkpoint"] = {"load_universal": True}
     attention = _attention_backend(cfg, dist.device)
     if cfg.train.compile:
         _apply_compile(task)
@@ -156,18 +162,25 @@ def _build_engine(cfg: RunConfig, task: nn.Module, dist: DistInfo, tracker: Trac
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt.optimizer, lambda s: warmup_cosine(s, cfg.train.steps, cfg.train.warmup_steps, cfg.train.min_lr_ratio)
     )
+    # What ds_to_universal needs to convert a checkpoint of this engine (a plain model: the format
+    # version only); the engine saves this module attribute with every checkpoint.
+    from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
+                                                UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+
+    setattr(task, UNIVERSAL_CHECKPOINT_INFO, {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE})
     engine, _, _, _ = deepspeed.initialize(model=task, optimizer=opt.optimizer, lr_scheduler=sched, config=ds_cfg)
     return engine, sched, _report_setup(cfg, attention, opt, dist, tracker, log_prefix)
 
 
-def _start_step(engine, run_dir: Path, resume: str | None, streams: list["CellStream"], dist: DistInfo, log_prefix: str) -> int:
-    """The step to start from (resumed or 0); metrics.jsonl trimmed to match it."""
+def _start_step(engine, run_dir: Path, cp: Path | None, meta: dict | None, universal: bool, streams: list["CellStream"],
+                dist: DistInfo, log_prefix: str) -> int:
+    """The step to start from (resumed from ``cp`` or 0); metrics.jsonl trimmed to match it."""
     step = 0
-    cp = _resume_point(run_dir, resume, dist) if resume else None
     if cp is not None:
-        step = _load(engine, cp, streams, dist)
+        step = _load(engine, cp, meta, universal, streams, dist)
         if dist.is_main:
-            print(f"{log_prefix}resumed from {cp} at step {step}", flush=True)
+            moved = f" (saved on {meta['world_size']} rank(s))" if meta["world_size"] != dist.world_size else ""
+            print(f"{log_prefix}resumed from {cp}{moved} at step {step} on {dist.world_size} rank(s)", flush=True)
     metrics_path = run_dir / layout.METRICS
     if dist.is_main and metrics_path.exists():
         if step == 0:
@@ -244,9 +257,14 @@ def train(
     """Run ``cfg.train.steps`` optimizer steps of ``task`` on ``streams`` (this rank's data shards);
     every checkpoint carries ``spec``, what the weights mean (pretrain/layout.py)."""
     dims = BatchDims.from_train(cfg.train, dist.world_size)
-    engine, sched, setup = _build_engine(cfg, task, dist, tracker, log_prefix)
     run_dir = Path(run_dir)
-    step = _start_step(engine, run_dir, resume, streams, dist, log_prefix)
+    cp = _resume_point(run_dir, resume, dist) if resume else None
+    meta = _read_meta(cp) if cp is not None else None
+    universal = meta is not None and meta["world_size"] != dist.world_size and _partitioned(cp)
+    if universal:
+        _convert_universal(cp, dist, log_prefix)
+    engine, sched, setup = _build_engine(cfg, task, dist, tracker, log_prefix, load_universal=universal)
+    step = _start_step(engine, run_dir, cp, meta, universal, streams, dist, log_prefix)
     feed = MicroBatchFeed(task, streams, cfg, dist.device, lookahead=dist.device.type == "cuda")
     result = LoopResult(step=step, setup=setup)
     bar = None
@@ -400,28 +418,97 @@ def _check_files(cp: Path) -> None:
             raise HicellerError(f"checkpoint file {f} is damaged ({e}); not resuming from it{_earlier_hint(cp)}") from None
 
 
-def _load(engine, cp: Path, streams: list["CellStream"], dist: DistInfo) -> int:
+def _read_meta(cp: Path) -> dict[str, Any]:
     try:
-        meta = json.loads((cp / "meta.json").read_text())
-    except (OSError, ValueError) as e:
-        raise HicellerError(f"checkpoint file {cp / 'meta.json'} is unreadable ({_first_line(e)}){_earlier_hint(cp)}") from None
-    if meta.get("world_size") != dist.world_size or meta.get("shards") != len(streams):
-        raise HicellerError(
-            f"checkpoint {cp} was written by {meta.get('world_size')} rank(s) x {meta.get('shards')} shard(s); "
-            f"this run has {dist.world_size} x {len(streams)} (set train.data_shards_per_rank to keep ranks x shards)"
-        )
+        meta = json.loads((cp / layout.META).read_text())
+        int(meta["world_size"]), int(meta["shards"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise HicellerError(f"checkpoint file {cp / layout.META} is unreadable ({_first_line(e)}){_earlier_hint(cp)}") from None
+    return meta
+
+
+def _partitioned(cp: Path) -> bool:
+    """Whether DeepSpeed partitioned the optimizer state of ``cp`` over its ranks (ZeRO 1-3, or the
+    bf16 optimizer): it wrote ``*optim_states.pt`` files. Otherwise (ZeRO 0 in fp32) the whole state
+    is in the model states file and loads on any number of ranks as it is."""
+    return any(cp.glob("*optim_states.pt"))
+
+
+def _convert_universal(cp: Path, dist: DistInfo, log_prefix: str) -> None:
+    """Rank 0 converts ``cp`` to DeepSpeed's universal form (once; pretrain/layout.py) while the
+    others wait; every rank fails in one line if it could not."""
+    err = None
+    if dist.is_main:
+        print(f"{log_prefix}checkpoint {cp} was saved on another number of ranks: converting it to a universal "
+              "checkpoint", flush=True)
+        try:
+            _check_files(cp)
+            layout.universal_checkpoint(cp)
+        except HicellerError as e:
+            err = e
+    ok = torch.tensor([0 if err else 1])
+    if dist.world_size > 1:
+        torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+    if err is not None:
+        raise err
+    if not ok.item():
+        raise HicellerError(f"checkpoint {cp} could not be converted to a universal checkpoint (see rank 0)")
+
+
+def _group_settings(engine) -> list[dict[str, Any]]:
+    """Each optimizer param group's settings but its parameters (weight decay, betas, lr scale)."""
+    return [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.optimizer.param_groups]
+
+
+def _restore_group_settings(engine, groups: list[dict[str, Any]]) -> None:
+    """Undo two slips of ZeRO-3's universal load (DeepSpeed 0.19, stage3.py
+    load_hp_checkpoint_state_from_checkpoint_dir_stage3); ZeRO 1/2 load each group by itself.
+
+    It gives every param group the settings of the first, so the no-decay group (biases, norms)
+    would decay from then on: each group gets its own settings back, and the resumed scheduler's lr.
+    It gives every parameter partition one shared ``step`` tensor, which torch's AdamW increments in
+    place once per group at every step: each gets its own copy (seen as a loss drifting from the
+    uninterrupted run's from the second step after the resume, tests/test_resume_world.py)."""
+    if engine.zero_optimization_stage() != 3:
+        return
+    opt = engine.optimizer.optimizer
+    for g, saved, lr in zip(opt.param_groups, groups, engine.lr_scheduler.get_last_lr()):
+        g.update({k: v for k, v in saved.items() if k != "lr"}, lr=lr)
+    for state in opt.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+
+
+def _loader_states(cp: Path, meta: dict[str, Any]) -> list[dict]:
+    """Every stream state of the saved world, in stream-rank order (rank r's shard s is r*S+s)."""
+    states = []
+    for r in range(int(meta["world_size"])):
+        path = cp / f"loader_rank{r}.json"
+        try:
+            states += json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise HicellerError(f"checkpoint file {path} is unreadable ({_first_line(e)}){_earlier_hint(cp)}") from None
+    return states
+
+
+def _load(engine, cp: Path, meta: dict[str, Any], universal: bool, streams: list["CellStream"], dist: DistInfo) -> int:
+    """Engine and loader state of ``cp``, from its universal form when ``universal``."""
     _check_files(cp)
     try:
-        path, client = engine.load_checkpoint(str(cp.parent), tag=cp.name, load_module_strict=True)
+        if universal:
+            groups = _group_settings(engine)
+            path, client = engine.load_checkpoint(str(cp), tag=layout.UNIVERSAL, load_module_strict=True)
+            _restore_group_settings(engine, groups)
+        else:
+            path, client = engine.load_checkpoint(str(cp.parent), tag=cp.name, load_module_strict=True)
     except Exception as e:  # never continue from a partial load
         raise HicellerError(f"checkpoint {cp} could not be loaded ({_first_line(e)}){_earlier_hint(cp)}") from None
     if path is None:
         raise HicellerError(f"checkpoint {cp} could not be loaded by DeepSpeed (files missing or damaged)")
-    loader = cp / f"loader_rank{dist.rank}.json"
+    states = _loader_states(cp, meta)
     try:
-        states = json.loads(loader.read_text())
-    except (OSError, ValueError) as e:
-        raise HicellerError(f"checkpoint file {loader} is unreadable ({_first_line(e)}){_earlier_hint(cp)}") from None
-    for s, st in zip(streams, states):
-        s.load_state_dict(st)
+        for s in streams:
+            s.load_epoch_state(states)
+    except HicellerError as e:
+        raise HicellerError(f"checkpoint {cp}: {e}") from None
     return int(client["step"])

@@ -540,29 +540,35 @@ def test_python_m_cluster_matches_hiceller(capsys):
     ]
 
 
-def test_slurm_script_runs_one_launcher_per_node(tmp_path):
-    """Execute the script with stand-ins for scontrol, srun and deepspeed that record what they get."""
-    cfg = load_config("base", ['cluster.env.NCCL_SOCKET_IFNAME="eth0"'])
-    job = SlurmJob(nodes=2, gpus_per_node=8, time="1-00:00:00", store="corpus.soma", out="run dir",
-                   tracking_uri="http://127.0.0.1:5000")
+def _run_sbatch(tmp_path: Path, script_text: str, hosts: list[str]) -> subprocess.CompletedProcess:
+    """Execute an sbatch script with stand-ins for scontrol, srun and deepspeed that record what they
+    get, SLURM having given the job ``hosts``."""
     script = tmp_path / "job.sbatch"
-    script.write_text(sbatch_script(job, cfg))
+    script.write_text(script_text)
     fake = tmp_path / "bin"
     fake.mkdir()
+    listing = "".join(f"{h}\\n" for h in hosts)
     stubs = {
-        "scontrol": 'printf "127.0.0.1\\n127.0.0.2\\n"',
+        "scontrol": f'printf "{listing}"',
         # One task per node, in order, with SLURM_NODEID set as SLURM does; options are dropped.
         "srun": 'while [ "${1#--}" != "$1" ]; do shift; done\n'
                 'for i in $(seq 0 $((SLURM_NNODES - 1))); do SLURM_NODEID=$i "$@" || exit 1; done',
         "deepspeed": 'printf "%s\\n" "$@" > "rank.$SLURM_NODEID.args"\n'
-                     'echo "$MLFLOW_TRACKING_URI $NCCL_DEBUG $NCCL_SOCKET_IFNAME" > "rank.$SLURM_NODEID.env"',
+                     'echo "${MLFLOW_TRACKING_URI-} ${NCCL_DEBUG-} ${NCCL_SOCKET_IFNAME-}" > "rank.$SLURM_NODEID.env"',
     }
     for name, body in stubs.items():
         (fake / name).write_text(f"#!/bin/bash\nset -eu\n{body}\n")
         (fake / name).chmod(0o755)
-    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "n[1-2]",
-           "SLURM_NNODES": "2", "SLURM_JOB_ID": "12345"}
-    r = subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": f"n[1-{len(hosts)}]",
+           "SLURM_NNODES": str(len(hosts)), "SLURM_JOB_ID": "12345"}
+    return subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_slurm_script_runs_one_launcher_per_node(tmp_path):
+    cfg = load_config("base", ['cluster.env.NCCL_SOCKET_IFNAME="eth0"'])
+    job = SlurmJob(nodes=2, gpus_per_node=8, time="1-00:00:00", store="corpus.soma", out="run dir",
+                   tracking_uri="http://127.0.0.1:5000")
+    r = _run_sbatch(tmp_path, sbatch_script(job, cfg), ["127.0.0.1", "127.0.0.2"])
     assert r.returncode == 0, r.stderr
     run = tmp_path / "run dir"
     assert (run / "hostfile").read_text() == "127.0.0.1 slots=8\n127.0.0.2 slots=8\n"
@@ -576,6 +582,24 @@ def test_slurm_script_runs_one_launcher_per_node(tmp_path):
                                   "--resume", "auto"]
         env_line = (tmp_path / f"rank.{rank}.env").read_text().split()
         assert env_line == ["http://127.0.0.1:5000", "WARN", "eth0"]
+
+
+def test_slurm_job_requeued_on_fewer_nodes_runs_on_them(tmp_path):
+    """A 4-node job that SLURM starts (or requeues) on 3 nodes: 3 launchers, a 3-line hostfile, and
+    --resume auto (which continues a run saved on another world size)."""
+    job = SlurmJob(nodes=4, min_nodes=2, gpus_per_node=8, time="01:00:00", store="corpus.soma", out="run")
+    script = sbatch_script(job, load_config("base"))
+    assert "#SBATCH --nodes=2-4" in script.splitlines()
+    r = _run_sbatch(tmp_path, script, ["10.0.0.1", "10.0.0.2", "10.0.0.3"])
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "run" / "hostfile").read_text().splitlines() == [f"10.0.0.{i} slots=8" for i in (1, 2, 3)]
+    assert sorted(p.name for p in tmp_path.glob("rank.*.args")) == ["rank.0.args", "rank.1.args", "rank.2.args"]
+    for rank in range(3):
+        args = ds_parse(["deepspeed", *(tmp_path / f"rank.{rank}.args").read_text().splitlines()])
+        assert (args.node_rank, args.num_nodes, args.master_addr) == (rank, 3, "10.0.0.1")
+        assert args.user_args[-2:] == ["--resume", "auto"]
+    with pytest.raises(InputError, match="--min-nodes"):
+        SlurmJob(nodes=2, min_nodes=3, gpus_per_node=8, time="01:00:00", store="s", out="o")
 
 
 @pytest.mark.parametrize("bad", ["24:00", "1:60:00", "10:00:61", "2-24:00:00", "00:00:00", "ab:cd:ef", "-1:00:00"])

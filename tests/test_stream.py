@@ -313,3 +313,83 @@ def test_expression_batches_carry_log1p_per_10k_over_every_stored_gene(store_uri
             toks = e.gene_ids[cu[i] + 1 : cu[i + 1]].numpy() - N_SPECIAL
             assert e.expr[cu[i]] == 0  # <cls>
             np.testing.assert_allclose(e.expr[cu[i] + 1 : cu[i + 1]].numpy(), [want[g] for g in toks], rtol=1e-6)
+
+
+def _take(stream: CellStream, n: int, workers: int = 0) -> list[int]:
+    it = iter(stream.dataloader(num_workers=workers))
+    return joinids_of(next(it) for _ in range(n))
+
+
+@pytest.mark.parametrize("old, new, taken, workers", [
+    (2, 3, 5, 0), (3, 2, 4, 0), (2, 1, 0, 0), (3, 2, 7, 0), pytest.param(1, 2, 9, 2, marks=pytest.mark.slow),
+])
+def test_epoch_continues_on_another_world(store_uri, old, new, taken, workers):
+    """A run on ``old`` streams takes ``taken`` batches each; ``new`` streams finish the epoch with the
+    cells they left: across the epoch no cell twice, and none left out but the drop remainder (fewer
+    than ``new`` batches' worth)."""
+    seen = []
+    states = []
+    for r in range(old):
+        s = make(store_uri, rank=r, world_size=old)
+        seen += _take(s, taken, workers)
+        states.append(s.state_dict())
+    rest = []
+    for r in range(new):
+        s = make(store_uri, rank=r, world_size=new)
+        s.load_epoch_state(states)
+        got = joinids_of(s.dataloader())
+        assert len(got) == len(s) * 8
+        rest.append(got)
+        assert s.state_dict()["history"][-1]["positions"] == [taken] * old
+    assert max(map(len, rest)) == min(map(len, rest))  # every new rank the same number of batches
+    both = seen + [j for part in rest for j in part]
+    assert len(both) == len(set(both))  # no cell twice
+    left_out = 601 - len(both)
+    assert 0 <= left_out < new * 8, left_out
+
+
+def test_resumed_epoch_state_resumes_exactly_and_next_epoch_is_plain(store_uri):
+    """A state saved inside an epoch resumed on another world resumes on that world exactly; the
+    next epoch is the new world's ordinary layout."""
+    states = []
+    for r in range(2):
+        s = make(store_uri, rank=r, world_size=2)
+        _take(s, 3)
+        states.append(s.state_dict())
+    a = make(store_uri, rank=1, world_size=3)
+    a.load_epoch_state(states)
+    it = iter(a.dataloader())
+    first = [next(it) for _ in range(2)]
+    saved = a.state_dict()
+    want = joinids_of(it)
+    b = make(store_uri, rank=1, world_size=3)
+    b.load_state_dict(saved)
+    assert joinids_of(b.dataloader()) == want
+    assert len(first) == 2
+    b.set_epoch(1)
+    plain = make(store_uri, rank=1, world_size=3)
+    plain.set_epoch(1)
+    assert joinids_of(b.dataloader()) == joinids_of(plain.dataloader())
+    with pytest.raises(HicellerError, match="one world"):
+        make(store_uri, rank=0, world_size=3).load_epoch_state(states[::-1])
+
+
+def test_epoch_moved_twice_still_sees_every_cell_once(store_uri):
+    """2 streams -> 3 -> 1 within one epoch (two resumes on other worlds before it ends)."""
+    seen, states = [], []
+    for r in range(2):
+        s = make(store_uri, rank=r, world_size=2)
+        seen += _take(s, 4)
+        states.append(s.state_dict())
+    mid = []
+    for r in range(3):
+        s = make(store_uri, rank=r, world_size=3)
+        s.load_epoch_state(states)
+        seen += _take(s, 5)
+        mid.append(s.state_dict())
+    assert [len(st["history"]) for st in mid] == [1, 1, 1]
+    last = make(store_uri, rank=0, world_size=1)
+    last.load_epoch_state(mid)
+    seen += joinids_of(last.dataloader())
+    assert len(seen) == len(set(seen))
+    assert 0 <= 601 - len(seen) < 8
