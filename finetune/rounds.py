@@ -79,6 +79,7 @@ class RoundContext:
             label_names=self.data.names,
             remainder="wrap",
             gene_map=self.data.gene_map,
+            batch_tokens=None,  # fine-tuning batches by micro_batch_cells
         )
 
     def task(self, state: dict[str, torch.Tensor], with_head: bool) -> ClassifierTask:
