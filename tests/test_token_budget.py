@@ -173,3 +173,45 @@ def test_stream_from_config_packs_by_tokens_for_pretraining_only(store_uri):
     assert max(b.n_tokens for b in s) <= 60
     cells = stream_from_config(cfg, store_uri, rank=0, world_size=1, batch_tokens=None, remainder="wrap")
     assert (cells.batch_tokens, cells.batch_cells) == (None, cfg.train.micro_batch_cells)
+
+
+@pytest.mark.slow
+def test_two_rank_pretraining_with_token_budget_resumes_exactly(tmp_path):
+    """The real DeepSpeed loop on 2 ranks (two launches, ~2 min on CI): token-budget batches through
+    an epoch whose ranks would cut 19 and 18 batches on their own; resumed from the step-16
+    checkpoint (mid-epoch, before that epoch's end), steps 17-20 repeat the uninterrupted losses."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from _ds import cleanup_shm, ds_env, free_port
+    from data_store.token_budget import _rank_windows
+
+    bin_dir = Path(sys.executable).parent
+    store = str(tmp_path / "store")
+    subprocess.run([str(bin_dir / "hiceller"), "synth", "--store", store, "--cells", "600", "--genes", "1000", "--tissues", "6",
+                    "--no-progress"], check=True, env=ds_env())
+    sets = ["data.max_genes=1000", "train.micro_batch_tokens=6144", "train.grad_accum=2", "train.steps=20",
+            "train.checkpoint_every=16"]
+    cfg = load_config("debug", sets)
+    s = stream_from_config(cfg, store, rank=0, world_size=2)
+    kw = dict(block_size=cfg.data.block_size, buffer_blocks=cfg.data.buffer_blocks, num_workers=1, shuffle=True, seed=0)
+    own = [sum(len(e) for e in _rank_windows(s.cell_lengths(), s.n_cells, r, 2, 6144, epoch=1, **kw)[2]) for r in range(2)]
+    assert own == [19, 18] and len(s) == 18  # epoch 0: micro batches 0-17, epoch 1: 18-35, epoch 2: 36-39
+
+    def run(out: Path, *extra: str) -> list[dict]:
+        cmd = [str(bin_dir / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "pretrain",
+               "--config", "debug", "--store", store, "--out", str(out), "--no-progress", *[f"--set={x}" for x in sets], *extra]
+        try:
+            proc = subprocess.run(cmd, env=ds_env(), capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
+        finally:
+            cleanup_shm()
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    full = run(tmp_path / "full")
+    assert [r["step"] for r in full] == list(range(1, 21))
+    resumed = run(tmp_path / "resumed", "--resume", str(tmp_path / "full" / "checkpoints" / "step_00000016"))
+    assert [r["step"] for r in resumed] == [17, 18, 19, 20]
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in full[16:]], rel=1e-6, abs=1e-6)
