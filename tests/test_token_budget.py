@@ -215,3 +215,16 @@ def test_two_rank_pretraining_with_token_budget_resumes_exactly(tmp_path):
     resumed = run(tmp_path / "resumed", "--resume", str(tmp_path / "full" / "checkpoints" / "step_00000016"))
     assert [r["step"] for r in resumed] == [17, 18, 19, 20]
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in full[16:]], rel=1e-6, abs=1e-6)
+
+
+def test_cli_refuses_a_budget_below_the_longest_cell_in_one_line(store_uri, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "hiceller", "pretrain", "--config", "base", "--store", store_uri, "--out", str(out),
+                           "--set", "train.micro_batch_tokens=100"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and not out.exists()
+    assert proc.stderr.strip().splitlines() == [
+        "hiceller pretrain: error: config key train.micro_batch_tokens: must be >= data.max_genes + 1 = 1201 (the longest cell), got 100"
+    ]
