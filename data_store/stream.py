@@ -473,7 +473,7 @@ class CellLoader:
             )
         s.num_workers = self.num_workers
         if s.batch_tokens is not None:
-            s.cell_lengths()  # read once here, not again in every worker
+            s.layout_for()  # lengths read and cuts made once here, not again in every worker
         if self.num_workers == 0:
             yield from s
             return
