@@ -22,6 +22,12 @@ Usage: ``python bench/train.py [--quick] [--store DIR] [--sizes debug,base] [--r
 ``debug:data.max_genes=1200`` (the debug model on base-length, variable-length cells). Builds ``bench/out/train_store`` (3000 cells, 20000 genes, 10 tissues)
 with ``hiceller synth`` when no ``--store`` is given and it does not exist yet. Ends with one JSON
 line (``packed_over_padded_tokens_per_s``, ``packed_tokens_per_s``, per-size details).
+``--batching`` instead compares fixed-cell micro batches (``--batch-cells``, default 16) with
+token-budget ones (``--batch-tokens``, default 12288) of the same packed layout: per step wall time
+and activation memory (bytes of the tensors autograd saves for backward, counted by a
+``saved_tensors_hooks``: the part of a step's memory that grows with its tokens), their max/min
+over the timed steps, and tokens/s; e.g. ``python bench/train.py --real --batching --sizes
+debug:data.max_genes=1200 --reps 5 --debug-steps 20``.
 ``--zero`` also runs the real CLI for 30 steps on 1 rank (``python -m pretrain``) and on 2 ranks
 (``deepspeed --num_gpus 2 --module pretrain``, ZeRO-2 on the CPU accelerator) and reads cells/s
 from ``metrics.jsonl``.
@@ -68,8 +74,9 @@ def _padded_loss(model, gene_ids, values, padding_mask, mask):
     return mse_value + mse_expr
 
 
-def _load_batches(store: str, cfg, batch_cells: int, n_batches: int):
-    """The first ``n_batches`` packed batches of the stream (seed 0), with one mask each."""
+def _load_batches(store: str, cfg, batch_cells: int, n_batches: int, batch_tokens: int = 0):
+    """The first ``n_batches`` packed batches of the stream (seed 0; ``batch_cells`` cells each, or
+    with ``batch_tokens`` as many as fit that budget), with one mask each."""
     import torch
 
     from data_store.stream import CellStream
@@ -78,7 +85,7 @@ def _load_batches(store: str, cfg, batch_cells: int, n_batches: int):
 
     tok = Tokenizer(n_bins=cfg.data.n_bins, max_genes=cfg.data.max_genes, seed=0)
     stream = CellStream(
-        store, batch_cells=batch_cells, tokenizer=tok, seed=0,
+        store, batch_cells=None if batch_tokens else batch_cells, batch_tokens=batch_tokens or None, tokenizer=tok, seed=0,
         block_size=cfg.data.block_size, buffer_blocks=cfg.data.buffer_blocks,
         rank=0, world_size=1,
     )
@@ -106,7 +113,7 @@ def worker(args: argparse.Namespace) -> dict:
     name, *over = args.size.split(":")  # "debug:data.max_genes=1200" = preset + --set overrides
     cfg = load_config(name, ["model.attention=\"sdpa\"", *over])
     n_total = args.warmup + args.steps
-    batches, n_genes = _load_batches(args.store, cfg, args.batch_cells, n_total)
+    batches, n_genes = _load_batches(args.store, cfg, args.batch_cells, n_total, args.batch_tokens)
     torch.manual_seed(0)
     model = CellerModel(cfg.model, n_genes=n_genes, n_bins=cfg.data.n_bins).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
@@ -122,13 +129,15 @@ def worker(args: argparse.Namespace) -> dict:
     del batches
 
     rss_before = peak_rss_mib()
-    times = []
+    times, saved = [], []
     for i, (_, _, _, inputs) in enumerate(steps):
         t0 = time.perf_counter()
-        if args.layout == "packed":
-            loss, _ = pretraining_loss(model, *inputs)
-        else:
-            loss = _padded_loss(model, *inputs)
+        with _SavedBytes(args.count_saved) as counter:
+            if args.layout == "packed":
+                loss, _ = pretraining_loss(model, *inputs)
+            else:
+                loss = _padded_loss(model, *inputs)
+        saved.append(counter.bytes)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -153,14 +162,48 @@ def worker(args: argparse.Namespace) -> dict:
         "peak_rss_mib": peak_rss_mib(),
         "rss_before_steps_mib": rss_before,
         "lengths": lengths,
+        "batch_tokens": args.batch_tokens,
+        "step_s": times[timed],
+        "step_tokens": [s[0] for s in steps[timed]],
+        "step_cells": [s[1] for s in steps[timed]],
+        "step_saved_mib": [b / 2**20 for b in saved[timed]],
     }
 
 
+class _SavedBytes:
+    """Bytes of the distinct tensor storages autograd saves for backward inside the block (the
+    activation memory a step holds at its peak); counts nothing when ``on`` is False."""
+
+    def __init__(self, on: bool):
+        self.on, self.bytes, self._seen = on, 0, set()
+
+    def _pack(self, t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in self._seen:
+            self._seen.add(st.data_ptr())
+            self.bytes += st.nbytes()
+        return t
+
+    def __enter__(self):
+        if self.on:
+            import torch
+
+            self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+            self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.on:
+            self._ctx.__exit__(*exc)
+
+
 # ----------------------------------------------------------------------------- orchestration
-def _run_worker(store: str, size: str, layout: str, steps: int, warmup: int, batch_cells: int, threads: int) -> dict:
+def _run_worker(store: str, size: str, layout: str, steps: int, warmup: int, batch_cells: int, threads: int,
+                batch_tokens: int = 0, count_saved: bool = False) -> dict:
     cmd = [
         sys.executable, __file__, "--worker", "--store", store, "--size", size, "--layout", layout,
         "--steps", str(steps), "--warmup", str(warmup), "--batch-cells", str(batch_cells), "--threads", str(threads),
+        "--batch-tokens", str(batch_tokens), *(["--count-saved"] if count_saved else []),
     ]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     if out.returncode != 0:
@@ -225,6 +268,41 @@ def bench_size(store: str, size: str, reps: int, steps: int, warmup: int, batch_
     return summary
 
 
+def bench_batching(store: str, size: str, reps: int, steps: int, warmup: int, batch_cells: int, batch_tokens: int,
+                   threads: int) -> dict:
+    """Fixed-cell vs token-budget micro batches (packed layout, same model and stream seed), runs alternating."""
+    runs: dict[str, list[dict]] = {"cells": [], "tokens": []}
+    for r in range(reps):
+        for mode in (("cells", "tokens") if r % 2 == 0 else ("tokens", "cells")):
+            res = _run_worker(store, size, "packed", steps, warmup, batch_cells, threads,
+                              batch_tokens if mode == "tokens" else 0, count_saved=True)
+            res["step_s_spread"] = max(res["step_s"]) / min(res["step_s"])
+            res["saved_spread"] = max(res["step_saved_mib"]) / min(res["step_saved_mib"])
+            runs[mode].append(res)
+            print(f"  {size} rep {r} {mode:6s}: {res['tokens_per_s']:8.0f} tok/s, step time max/min "
+                  f"{res['step_s_spread']:.2f}, activations max/min {res['saved_spread']:.2f} "
+                  f"({min(res['step_saved_mib']):.0f}..{max(res['step_saved_mib']):.0f} MiB), tokens/step "
+                  f"{min(res['step_tokens'])}..{max(res['step_tokens'])}", flush=True)
+    med = statistics.median
+    out = {}
+    for mode, rs in runs.items():
+        out[mode] = {
+            "tokens_per_s": med(x["tokens_per_s"] for x in rs),
+            "cells_per_s": med(x["cells_per_s"] for x in rs),
+            "step_s_max_over_min": med(x["step_s_spread"] for x in rs),
+            "activation_mib_max_over_min": med(x["saved_spread"] for x in rs),
+            "activation_mib_max": med(max(x["step_saved_mib"]) for x in rs),
+            "step_s_max": med(max(x["step_s"]) for x in rs),
+            "tokens_per_step": [min(rs[0]["step_tokens"]), med(rs[0]["step_tokens"]), max(rs[0]["step_tokens"])],
+            "cells_per_step": [min(rs[0]["step_cells"]), med(rs[0]["step_cells"]), max(rs[0]["step_cells"])],
+            "peak_rss_mib": med(x["peak_rss_mib"] for x in rs),
+            "all_tokens_per_s": [round(x["tokens_per_s"], 1) for x in rs],
+        }
+    out["tokens_over_cells_tokens_per_s"] = out["tokens"]["tokens_per_s"] / out["cells"]["tokens_per_s"]
+    out.update(batch_cells=batch_cells, batch_tokens=batch_tokens, steps=steps, warmup=warmup, reps=reps, threads=threads)
+    return out
+
+
 def flops_table(lengths_by_size: dict[str, float]) -> dict:
     from hiceller.config import load_config
     from pretrain.flops import PEAK_FLOPS, model_flops_per_token
@@ -281,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--zero", action="store_true", help="also 1-rank vs 2-rank ZeRO-2 CLI runs (debug, 30 steps)")
+    ap.add_argument("--batching", action="store_true", help="fixed-cell vs token-budget micro batches instead")
+    ap.add_argument("--batch-tokens", type=int, default=12288, help="token budget of --batching")
     ap.add_argument("--debug-steps", type=int, default=15)
     ap.add_argument("--base-steps", type=int, default=1)
     ap.add_argument("--base-cells", type=int, default=2, help="cells per micro batch at base size on CPU")
@@ -290,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layout", default="packed", help=argparse.SUPPRESS)
     ap.add_argument("--steps", type=int, default=20, help=argparse.SUPPRESS)
     ap.add_argument("--warmup", type=int, default=2, help=argparse.SUPPRESS)
-    ap.add_argument("--batch-cells", type=int, default=16, help=argparse.SUPPRESS)
+    ap.add_argument("--batch-cells", type=int, default=16, help="cells per fixed micro batch of --batching")
+    ap.add_argument("--count-saved", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     if args.worker:
@@ -301,6 +382,22 @@ def main(argv: list[str] | None = None) -> int:
     sizes = (args.sizes or ("debug" if args.quick else "debug,base")).split(",")
     reps = args.reps or (3 if args.quick else 5)
     from hiceller.config import load_config
+
+    if args.batching:
+        res = {}
+        for size in sizes:
+            print(f"{size}: {reps} reps x {args.debug_steps} steps (+2 warm-up), {args.batch_cells} cells vs "
+                  f"{args.batch_tokens} tokens per micro batch, {args.threads} threads", flush=True)
+            res[size] = bench_batching(store, size, reps, args.debug_steps, 2, args.batch_cells, args.batch_tokens, args.threads)
+            r = res[size]
+            print(f"{'batches':8s} {'tokens/s':>9s} {'step s max/min':>15s} {'activations max/min':>20s} {'tokens/step':>20s}")
+            for mode in ("cells", "tokens"):
+                x = r[mode]
+                print(f"{mode:8s} {x['tokens_per_s']:9.0f} {x['step_s_max_over_min']:15.2f} "
+                      f"{x['activation_mib_max_over_min']:20.2f} {str(x['tokens_per_step']):>20s}")
+            print(f"token-budget / fixed-cell tokens/s = {r['tokens_over_cells_tokens_per_s']:.2f}x")
+        print(json.dumps({"batching": res}))
+        return 0
 
     results = {}
     for size in sizes:

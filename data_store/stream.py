@@ -30,6 +30,10 @@ Shuffle quality: a batch mixes the blocks of one window, about ``buffer_blocks /
 them. On a corpus ingested dataset by dataset, batches reach ~0.9 of a full permutation's diversity
 (distinct datasets per batch) from ~300 blocks per window and ~0.95 from ~500 (bench/loader.py).
 
+Token budget: with ``batch_tokens`` instead of ``batch_cells``, a window's shuffled cells are cut
+into batches of at most that many tokens, every rank keeping the smallest batch count over all ranks
+(data_store/token_budget.py: cut from the cells' token counts, which every rank reads from X once).
+
 Resume: ``state_dict()`` records epoch and the number of batches the consumer has taken. Since the
 whole layout is a function of the seed, ``load_state_dict`` just skips that many batches (whole
 windows without reading them), so the stream yields exactly the batches an uninterrupted run would
@@ -55,6 +59,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data_store.batching import pack, to_padded
 from data_store.layout import (EpochStage, StreamLayout, batches_per_rank, per_worker_skip, rank_layout, remaining_order,
                                window_batches, window_perm)
+from data_store.token_budget import TokenBudgetLayout, cell_token_lengths, token_budget_layout
 from data_store.store import CorpusStore, XReader
 from data_store.tokenize import TokenizedCells, Tokenizer, log1p_normalize
 from hiceller.config import RunConfig
@@ -86,23 +91,31 @@ def tokenizer_from_config(cfg: RunConfig) -> Tokenizer:
 def stream_from_config(cfg: RunConfig, store: str, *, rank: int, world_size: int, **selection: Any) -> "CellStream":
     """The one place a run's config becomes a CellStream (pretraining shards, fine-tuning splits).
 
-    Batch size, tokenizer, seed, obs filter, block and window sizes come from ``cfg``; what to select
-    and how (``joinids``, ``labels``, ``gene_map``, ``shuffle``, ``remainder``, ...) from the caller,
-    whose keywords win.
+    Batch size (``train.micro_batch_tokens`` when set, else ``train.micro_batch_cells``), tokenizer,
+    seed, obs filter, block and window sizes come from ``cfg``; what to select and how (``joinids``,
+    ``labels``, ``gene_map``, ``shuffle``, ``remainder``, ``batch_tokens=None`` for cell batches, ...)
+    from the caller, whose keywords win.
     """
+    tokens = cfg.train.micro_batch_tokens or None
     kw: dict[str, Any] = dict(shuffle=True, seed=cfg.train.seed, obs_filter=cfg.data.obs_filter or None,
-                              block_size=cfg.data.block_size, buffer_blocks=cfg.data.buffer_blocks)
+                              block_size=cfg.data.block_size, buffer_blocks=cfg.data.buffer_blocks, batch_tokens=tokens)
     kw.update(selection)
     if not kw["shuffle"]:
         kw["seed"] = None
-    return CellStream(store, batch_cells=cfg.train.micro_batch_cells, tokenizer=tokenizer_from_config(cfg),
-                      rank=rank, world_size=world_size, **kw)
+    cells = None if kw["batch_tokens"] else cfg.train.micro_batch_cells
+    return CellStream(store, batch_cells=cells, tokenizer=tokenizer_from_config(cfg), rank=rank, world_size=world_size, **kw)
 
 
-def _check_stream_args(batch_cells: int, block_size: int, buffer_blocks: int, shuffle: bool, seed: int | None,
-                       remainder: str, layout: str) -> None:
-    if batch_cells < 1:
+def _check_stream_args(batch_cells: int | None, batch_tokens: int | None, max_genes: int, block_size: int,
+                       buffer_blocks: int, shuffle: bool, seed: int | None, remainder: str, layout: str) -> None:
+    if (batch_cells is None) == (batch_tokens is None):
+        raise InputError("give one of batch_cells and batch_tokens")
+    if batch_cells is not None and batch_cells < 1:
         raise InputError(f"batch_cells must be >= 1, got {batch_cells}")
+    if batch_tokens is not None and batch_tokens < max_genes + 1:
+        raise InputError(f"batch_tokens must be >= max_genes + 1 = {max_genes + 1} (the longest cell), got {batch_tokens}")
+    if batch_tokens is not None and remainder != "drop":
+        raise InputError(f"batch_tokens works with remainder='drop' only, got {remainder!r}")
     if block_size < 1 or buffer_blocks < 1:
         raise InputError(f"block_size and buffer_blocks must be >= 1, got {block_size}, {buffer_blocks}")
     if shuffle and seed is None:
@@ -117,7 +130,8 @@ class CellStream(IterableDataset):
     """A torch IterableDataset of packed (or padded) token batches from a HiCeller store.
 
     Yields ``PackedBatch`` (flat gene_ids / values with int32 ``cu_seqlens``, as flash-attention's
-    varlen kernel takes them) or, with ``layout="padded"``, ``PaddedBatch``. Use
+    varlen kernel takes them) or, with ``layout="padded"``, ``PaddedBatch``: ``batch_cells`` cells
+    each, or with ``batch_tokens`` as many cells as fit that many tokens. Use
     ``stream.dataloader(num_workers)`` to read with worker processes and keep resumable state.
     """
 
@@ -125,8 +139,9 @@ class CellStream(IterableDataset):
         self,
         store: str,
         *,
-        batch_cells: int,
+        batch_cells: int | None = None,
         tokenizer: Tokenizer,
+        batch_tokens: int | None = None,
         shuffle: bool = True,
         seed: int | None = None,
         obs_filter: str | None = None,
@@ -147,9 +162,11 @@ class CellStream(IterableDataset):
         expression: bool = False,
     ):
         super().__init__()
-        _check_stream_args(batch_cells, block_size, buffer_blocks, shuffle, seed, remainder, layout)
+        _check_stream_args(batch_cells, batch_tokens, tokenizer.max_genes, block_size, buffer_blocks, shuffle, seed,
+                           remainder, layout)
         self.store_uri = str(store)
         self.batch_cells = batch_cells
+        self.batch_tokens = batch_tokens
         self.tokenizer = tokenizer
         self.shuffle = shuffle
         self.seed = 0 if seed is None else int(seed)
@@ -188,6 +205,8 @@ class CellStream(IterableDataset):
         lists = [datasets, donors, exclude_donors, joinids]
         self._selection = self._select(store_obj, obs_filter, lists, label_column if labels else None, label_names)
         self.fingerprint = _store_fingerprint(store_obj, self._selection)
+        self._lengths: np.ndarray | None = None
+        self._token_layouts: dict[tuple[int, int, int], TokenBudgetLayout] = {}
 
     def _select(self, store_obj: CorpusStore, obs_filter: str | None, lists: list, label_column: str | None,
                 label_names: list[str] | None) -> "CellSelection":
@@ -241,15 +260,26 @@ class CellStream(IterableDataset):
         return self._selection.joinids()
 
     def __len__(self) -> int:
-        """Batches this rank yields per epoch (in an epoch resumed on another world: of what is left)."""
+        """Batches this rank yields per epoch, the same on every rank (in an epoch resumed on another
+        world: of what is left)."""
         if self._resumed is not None:
-            return len(self._resumed) // self.batch_cells
-        n = batches_per_rank(self.n_cells, self.world_size, self.batch_cells, self.remainder)
+            n = len(self._resumed) // self.batch_cells
+            what = f"{self.batch_cells} cells per batch"
+        elif self.batch_tokens is not None:
+            n = self.layout_for().n_batches
+            what = f"{self.batch_tokens} tokens per batch"
+        else:
+            n = batches_per_rank(self.n_cells, self.world_size, self.batch_cells, self.remainder)
+            what = f"{self.batch_cells} cells per batch"
         if n == 0:
-            raise InputError(
-                f"selection of {self.n_cells} cells is too small for {self.world_size} rank(s) x {self.batch_cells} cells per batch"
-            )
+            raise InputError(f"selection of {self.n_cells} cells is too small for {self.world_size} rank(s) x {what}")
         return n
+
+    def cell_lengths(self) -> np.ndarray:
+        """Tokens of each selected cell (J order), read from X once per stream (token budget only)."""
+        if self._lengths is None:
+            self._lengths = cell_token_lengths(self.store_uri, self.joinids, self.tokenizer.max_genes, self.gene_map)
+        return self._lengths
 
     def set_epoch(self, epoch: int) -> None:
         """A new permutation each epoch (same for every rank); resets the position."""
@@ -267,6 +297,7 @@ class CellStream(IterableDataset):
             "num_workers": self.num_workers,
             "seed": self.seed,
             "batch_cells": self.batch_cells,
+            "batch_tokens": self.batch_tokens,
             "fingerprint": self.fingerprint,
             "history": [st.to_dict() for st in self._history],
         }
@@ -277,6 +308,7 @@ class CellStream(IterableDataset):
             ("fingerprint", self.fingerprint, "store selection"),
             ("seed", self.seed, "seed"),
             ("batch_cells", self.batch_cells, "batch size"),
+            ("batch_tokens", self.batch_tokens, "token budget"),
         )
         if state.get("fingerprint") != self.fingerprint and self._selection.is_ranges:
             # A state saved before whole-store selections were fingerprinted by their ranges.
@@ -305,6 +337,11 @@ class CellStream(IterableDataset):
         if world == self.world_size:
             self.load_state_dict(states[self.rank])
             return
+        if self.batch_tokens is not None:
+            # Token-budget batches are cut per world (every rank keeps the smallest count), so which
+            # cells a saved world had taken is not known from positions alone.
+            raise HicellerError(f"a token-budget epoch saved on {world} rank(s) continues on {world} rank(s) only; "
+                                f"this run has {self.world_size} (resume at the epoch's end, or set train.micro_batch_cells)")
         histories = {json.dumps(st.get("history", []), sort_keys=True) for st in states}
         if len({st.get("epoch") for st in states}) != 1 or len(histories) != 1:
             raise HicellerError("loader states of the saved world are from different epochs; the checkpoint is inconsistent")
@@ -329,8 +366,9 @@ class CellStream(IterableDataset):
                                     base=rest).order
 
     # ------------------------------------------------------------------ layout
-    def layout_for(self, rank: int | None = None, num_workers: int | None = None) -> StreamLayout:
-        """This epoch's layout of ``rank`` (data_store/layout.py); no data is read."""
+    def layout_for(self, rank: int | None = None, num_workers: int | None = None) -> StreamLayout | TokenBudgetLayout:
+        """This epoch's layout of ``rank`` (data_store/layout.py; data_store/token_budget.py with a
+        token budget, which reads the cells' lengths once)."""
         nw = max(1, self.num_workers if num_workers is None else num_workers)
         if self._resumed is not None:
             if rank is not None and rank != self.rank:
@@ -338,6 +376,15 @@ class CellStream(IterableDataset):
             n_batches = len(self)
             return StreamLayout(order=self._resumed, n_batches=n_batches,
                                 window_batches=window_batches(n_batches, self.batch_cells, self.block_size, self.buffer_blocks, nw))
+        if self.batch_tokens is not None:
+            r = self.rank if rank is None else rank
+            key = (self.epoch, r, nw)
+            if key not in self._token_layouts:
+                self._token_layouts = {key: token_budget_layout(
+                    self.cell_lengths(), rank=r, world_size=self.world_size, batch_tokens=self.batch_tokens,
+                    block_size=self.block_size, buffer_blocks=self.buffer_blocks, num_workers=nw, shuffle=self.shuffle,
+                    seed=self.seed, epoch=self.epoch)}
+            return self._token_layouts[key]
         len(self)  # refuses a selection too small for the world
         return rank_layout(
             self.n_cells,
@@ -383,7 +430,10 @@ class CellStream(IterableDataset):
         if info is None:
             self._start_batch = 0
 
-    def _window_batches(self, reader: "_BlockReader", layout: StreamLayout, k: int) -> Iterator[Any]:
+    def _window_batches(self, reader: "_BlockReader", layout: StreamLayout | TokenBudgetLayout, k: int) -> Iterator[Any]:
+        if isinstance(layout, TokenBudgetLayout):
+            yield from self._budget_batches(reader, layout, k)
+            return
         sl = layout.window_slice(k)
         pos = layout.order[sl.start * self.batch_cells : sl.stop * self.batch_cells]
         # Tokens stay in sorted-unique order; each batch gathers straight from them (one copy per
@@ -397,6 +447,22 @@ class CellStream(IterableDataset):
             p = pos[idx]
             labels = None if self.labels is None else torch.from_numpy(self.labels[p])
             batch = pack(cells.select(where[idx]), labels=labels, joinids=torch.from_numpy(self._selection.take(p)))
+            yield to_padded(batch) if self.layout == "padded" else batch
+
+    def _budget_batches(self, reader: "_BlockReader", layout: TokenBudgetLayout, k: int) -> Iterator[Any]:
+        """Window ``k``'s token-budget batches; only the cells of the batches this rank keeps are read."""
+        batches = layout.window_batches(k)
+        uniq, where = np.unique(np.concatenate(batches), return_inverse=True)
+        cells = self._read_tokens(reader, uniq)
+        a = 0
+        for p in batches:
+            idx = where[a : a + len(p)]
+            a += len(p)
+            labels = None if self.labels is None else torch.from_numpy(self.labels[p])
+            batch = pack(cells.select(idx), labels=labels, joinids=torch.from_numpy(self._selection.take(p)))
+            if batch.n_tokens > self.batch_tokens:  # the lengths were read from this X: it changed since
+                raise HicellerError(f"store {self.store_uri} changed while streaming: a batch of {batch.n_tokens} tokens "
+                                    f"passed the budget of {self.batch_tokens}")
             yield to_padded(batch) if self.layout == "padded" else batch
 
     def _read_tokens(self, reader: "_BlockReader", uniq: np.ndarray) -> TokenizedCells:
@@ -484,6 +550,8 @@ class CellLoader:
                 f"loader state was saved with {saved} worker(s), this loader has {self.num_workers}; resume needs the same"
             )
         s.num_workers = self.num_workers
+        if s.batch_tokens is not None:
+            s.layout_for()  # lengths read and cuts made once here, not again in every worker
         if self.num_workers == 0:
             yield from s
             return

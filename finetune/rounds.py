@@ -86,6 +86,7 @@ class RoundContext:
             remainder="wrap",
             gene_map=self.data.gene_map,
             expression=self.wide_input == "expression",
+            batch_tokens=None,  # fine-tuning batches by micro_batch_cells
         )
 
     def task(self, state: dict[str, torch.Tensor], with_head: bool) -> ClassifierTask:

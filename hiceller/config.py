@@ -113,7 +113,12 @@ class TrainConfig:
     steps: int = 100_000
     """Optimizer steps to run."""
     micro_batch_cells: int = 32
-    """Cells per micro batch on one rank (packed varlen, no padding)."""
+    """Cells per micro batch on one rank (packed varlen, no padding) when micro_batch_tokens is 0;
+    always for fine-tuning."""
+    micro_batch_tokens: int = 0
+    """Pretraining micro batches of as many cells as fit this many tokens (0: micro_batch_cells cells),
+    the same batch count on every rank (data_store/token_budget.py). At least data.max_genes + 1.
+    A --set of one of the two batch sizes replaces the preset's other one."""
     grad_accum: int = 1
     """Micro batches accumulated per optimizer step."""
     lr: float = 1e-4
@@ -158,6 +163,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check(self.steps >= 1, "train.steps", f"must be >= 1, got {self.steps}")
         _check(self.micro_batch_cells >= 1, "train.micro_batch_cells", f"must be >= 1, got {self.micro_batch_cells}")
+        _check(self.micro_batch_tokens >= 0, "train.micro_batch_tokens", f"must be >= 0 (0 = off), got {self.micro_batch_tokens}")
         _check(self.grad_accum >= 1, "train.grad_accum", f"must be >= 1, got {self.grad_accum}")
         _check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
         _check(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
@@ -345,6 +351,12 @@ class RunConfig:
             "train.compile",
             f"works with deepspeed.zero_stage 0-2, got {self.deepspeed.zero_stage}",
         )
+        # The longest cell must fit a batch, or it could never be trained on.
+        _check(
+            self.train.micro_batch_tokens == 0 or self.train.micro_batch_tokens >= self.data.max_genes + 1,
+            "train.micro_batch_tokens",
+            f"must be >= data.max_genes + 1 = {self.data.max_genes + 1} (the longest cell), got {self.train.micro_batch_tokens}",
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -369,6 +381,8 @@ class RunConfig:
             lines.append(f"\n[{sec.name}]")
             nested = []
             for k, v in dataclasses.asdict(value).items():
+                if sec.name == "train" and k == "micro_batch_cells" and self.train.micro_batch_tokens:
+                    continue  # unused beside a token budget, and a file may set only one of them
                 if isinstance(v, dict):
                     nested.append((k, v))
                 else:
@@ -415,6 +429,16 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
         _check(isinstance(value, dict), key, f"must be a table, got {value!r}")
         return {str(k): _coerce(f"{key}.{k}", str, v) for k, v in value.items()}
     raise TypeError(f"unsupported config type {tp!r} for {key}")
+
+
+_BATCH_SIZES = ("micro_batch_cells", "micro_batch_tokens")
+
+
+def _check_batch_size(train: Any, where: str) -> None:
+    """Refuse a micro batch given both in cells and in tokens in one place (one file, or --set)."""
+    if isinstance(train, dict) and _BATCH_SIZES[0] in train and train.get(_BATCH_SIZES[1]):
+        raise ConfigError(f"config key train.micro_batch_tokens: {where} sets both train.micro_batch_cells and "
+                          "train.micro_batch_tokens; set one (micro_batch_tokens = 0 batches by cells)")
 
 
 def _build_section(cls: type, name: str, raw: Any) -> Any:
@@ -488,6 +512,13 @@ def load_config(preset: str | Path = "debug", overrides: list[str] | None = None
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path}: not valid TOML ({e})") from None
+    _check_batch_size(raw.get("train"), f"config file {path}")
+    set_keys = override_keys(overrides or [])
+    given = [k for k in _BATCH_SIZES if f"train.{k}" in set_keys]
+    if len(given) == 1 and isinstance(raw.get("train"), dict):
+        # --set of one batch size replaces the preset's: a cell-batched run of a token-budget preset
+        raw["train"].pop(_BATCH_SIZES[1 - _BATCH_SIZES.index(given[0])], None)
+    override_train: dict[str, Any] = {}
     for item in overrides or []:
         parts, value = _parse_override(item)
         node = raw
@@ -496,4 +527,7 @@ def load_config(preset: str | Path = "debug", overrides: list[str] | None = None
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {item!r}: {p} is not a section")
         node[parts[-1]] = value
+        if parts[:-1] == ["train"]:
+            override_train[parts[-1]] = value
+    _check_batch_size(override_train, "--set")
     return config_from_dict(raw)
