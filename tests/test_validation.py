@@ -196,9 +196,11 @@ def test_validation_on_two_ranks_zero3_resumes_exactly(store, tmp_path):
     _pretrain(store, part, *sets, nproc=2, stop_after=4)
     resumed = _pretrain(store, part, *sets, nproc=2, resume=True)
     assert [r["step"] for r in resumed] == list(range(1, 9))
+    assert [r["step"] for r in full if "val_loss" in r] == [4, 8]
     for key in ("loss", "val_loss", "probe_accuracy", "probe_macro_f1"):
-        got = [r.get(key) for r in resumed]
-        want = [r.get(key) for r in full]
-        assert got == pytest.approx(want, rel=1e-5, abs=1e-6), key
+        got = {r["step"]: r[key] for r in resumed if key in r}
+        want = {r["step"]: r[key] for r in full if key in r}
+        assert list(got) == list(want), key
+        assert list(got.values()) == pytest.approx(list(want.values()), rel=1e-5, abs=1e-6), key
     best, want = layout.read_best(part), layout.read_best(tmp_path / "full")
     assert best["step"] == want["step"] and best["val_loss"] == pytest.approx(want["val_loss"], rel=1e-5)
