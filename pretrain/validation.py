@@ -11,9 +11,10 @@ config, so every rank computes the same split without talking to the others:
 The training streams never see a held-out cell (:func:`hold_out` returns their selection). Every
 ``validation.every`` steps and at every checkpoint, :class:`Validator` scores on all ranks:
 
-* ``val_loss`` (and its parts): the pretraining loss on ``loss_cells`` held-out cells with fixed
-  masks (the training objective's attention pattern; ``both`` is scored masked), weighted by
-  masked tokens, summed over ranks;
+* ``val_loss`` (and its parts): the pretraining loss on ``loss_cells`` held-out cells (evenly
+  spaced over them), each with a mask drawn from its joinid (the training objective's attention
+  pattern; ``both`` is scored masked), weighted by masked tokens, summed over ranks: the same
+  figure on any number of ranks;
 * ``probe_accuracy`` / ``probe_macro_f1``: the ``<cls>`` embeddings of ``probe_cells`` labelled
   held-out cells under the current weights, gathered on rank 0, each cell given the majority
   label of its ``probe_k`` nearest other cells (cosine, leave-one-out).
@@ -39,6 +40,8 @@ from hiceller.config import RunConfig
 from hiceller.errors import InputError
 from pretrain import layout
 from pretrain.distributed import DistInfo
+from pretrain.generative import GenerativeSplit
+from pretrain.objective import draw_mask, pick_mask_ratio
 from pretrain.task import micro_seed
 
 __all__ = ["HeldOut", "Validator", "hold_out", "knn_probe"]
@@ -56,6 +59,15 @@ class HeldOut:
     labeled: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     """Held-out joinids of labelled datasets (sorted): the probe's candidates."""
     describe: str = ""
+    joinids: np.ndarray | None = None
+    """The held-out joinids (sorted) when they were read from obs; else ``val["ranges"]`` holds them."""
+
+    def pick(self, n: int) -> np.ndarray:
+        """``n`` held-out joinids evenly spaced over all of them (sorted): a set that does not depend
+        on the number of ranks."""
+        sel = CellSelection(joinids=self.joinids) if self.joinids is not None else CellSelection(ranges=self.val["ranges"])
+        n = min(n, len(sel))
+        return np.unique(sel.take(np.linspace(0, len(sel) - 1, n).round().astype(np.int64)))
 
 
 def _block_keys(starts: np.ndarray, seed: int) -> np.ndarray:
@@ -134,7 +146,7 @@ def hold_out(store: CorpusStore, cfg: RunConfig) -> HeldOut:
             raise InputError("validation.donors: every cell would be held out, none left to train on")
         jids = obs["soma_joinid"].to_numpy(dtype=np.int64)
         return HeldOut({"exclude_donors": list(v.donors)}, {"donors": list(v.donors)}, int(val.sum()),
-                       np.sort(jids[val & _in_ranges(jids, labeled_spans)]), f"donors {list(v.donors)}")
+                       np.sort(jids[val & _in_ranges(jids, labeled_spans)]), f"donors {list(v.donors)}", np.sort(jids[val]))
     if v.datasets:
         unknown = sorted(set(v.datasets) - set(ids.tolist()))
         if unknown:
@@ -151,7 +163,7 @@ def hold_out(store: CorpusStore, cfg: RunConfig) -> HeldOut:
         jids = store.obs(column_names=[], value_filter=cfg.data.obs_filter)["soma_joinid"].to_numpy(dtype=np.int64)
         val = _in_ranges(jids, held)
         lab = jids[val & _in_ranges(jids, labeled_spans)]
-        return HeldOut({"joinids": jids[~val]}, {"joinids": jids[val]}, int(val.sum()), np.sort(lab), what)
+        return HeldOut({"joinids": jids[~val]}, {"joinids": jids[val]}, int(val.sum()), np.sort(lab), what, np.sort(jids[val]))
     lab_sel = CellSelection(ranges=_intersect(held, labeled_spans))
     return HeldOut({"ranges": train}, {"ranges": held}, sum(b - a for a, b in held), lab_sel.joinids(), what)
 
@@ -203,20 +215,39 @@ class Validator:
         self.every = cfg.validation.every
         self.best: dict[str, Any] | None = None
         per_rank = cfg.train.micro_batch_cells
-        stream = self._stream(store, held.val, gene_map, shuffle=True, cells=cfg.validation.loss_cells)
-        n = min(len(stream), max(1, math.ceil(cfg.validation.loss_cells / (dist.world_size * per_rank))))
-        self.loss_args = []
-        for i, batch in zip(range(n), stream):
-            self.loss_args.append(task.prepare(batch, micro_seed(cfg.train.seed, 0, i, 20_000 + dist.rank), dist.device, 0))
+        # The loss cells are a fixed set and each cell's mask is drawn from its joinid, so the figure
+        # is the same on any number of ranks (up to whole batches per rank), e.g. after a resume on fewer.
+        n = min(cfg.validation.loss_cells, held.n_val) // (dist.world_size * per_rank) * dist.world_size
+        if n == 0:
+            raise InputError(f"validation: {held.n_val} held-out cells, fewer than one batch of {per_rank} per rank "
+                             f"on {dist.world_size} rank(s); hold out more (validation.fraction, datasets, donors)")
+        cells = held.pick(n * per_rank)
+        stream = self._stream(store, {"ranges": [(int(j), int(j) + 1) for j in cells], "obs_filter": None}, gene_map,
+                              shuffle=False, cells=len(cells), remainder="drop")
+        self.loss_args = [self._masked(task, batch) for batch in stream]
         self.probe_batches: list = []
         self.probe_labels = np.zeros(0, dtype=np.int64)
         self.probe_note = self._probe(store, held, gene_map)
         if dist.is_main:
             print(f"{log_prefix}validation: {held.n_val:,} held-out cells ({held.describe}); loss on "
-                  f"{n * per_rank * dist.world_size:,} of them every {self.every} steps; {self.probe_note}", flush=True)
+                  f"{len(cells):,} of them every {self.every} steps; {self.probe_note}", flush=True)
+
+    def _masked(self, task, batch) -> tuple:
+        """The task's forward arguments for ``batch`` with every cell's mask (and ratio) drawn from its joinid."""
+        cu = batch.cu_seqlens
+        masks = []
+        for i, j in enumerate(batch.joinids.tolist()):
+            g = torch.Generator().manual_seed(micro_seed(self.cfg.train.seed, 0, j, 20_000))
+            ratio = pick_mask_ratio(task.mask_ratios, g)
+            n = int(cu[i + 1] - cu[i])
+            masks.append(draw_mask(torch.tensor([0, n], dtype=cu.dtype), n, ratio, g))
+        mask = torch.cat(masks)
+        split = GenerativeSplit.from_known(~mask, cu).to(self.dist.device) if task.is_generative(0) else None
+        b = batch.to(self.dist.device)
+        return (b.gene_ids, b.values, b.cu_seqlens, b.max_seqlen, mask.to(self.dist.device), split)
 
     def _stream(self, store: str, selection: dict, gene_map, shuffle: bool, cells: int, **kw):
-        # A small shuffle window: only the first few batches are read.
+        # A small window: the few cells needed are read, not a whole shuffle buffer.
         blocks = max(1, math.ceil(cells / self.dist.world_size / self.cfg.data.block_size) + 1)
         return stream_from_config(self.cfg, store, rank=self.dist.rank, world_size=self.dist.world_size, gene_map=gene_map,
                                   shuffle=shuffle, buffer_blocks=min(blocks, self.cfg.data.buffer_blocks), **selection, **kw)

@@ -188,10 +188,14 @@ def test_pretraining_validates_logs_and_keeps_the_best_checkpoint(store, tmp_pat
 
 @pytest.mark.slow
 def test_validation_on_two_ranks_zero3_resumes_exactly(store, tmp_path):
-    """Every rank takes part in validation (ZeRO-3 gathers parameters in each forward pass): no hang,
-    and a run stopped and resumed logs the training and validation figures of the uninterrupted run."""
+    """Every rank takes part in validation (ZeRO-3 gathers parameters in each forward pass): no hang;
+    a run stopped and resumed logs the training and validation figures of the uninterrupted run; and
+    one rank reading the same cells (two data shards) gets the same validation figures."""
     sets = ("train.steps=8", *VAL[1:], "deepspeed.zero_stage=3")
     full = _pretrain(store, tmp_path / "full", *sets, nproc=2)
+    one = _pretrain(store, tmp_path / "one", *sets, "train.grad_accum=2", "train.data_shards_per_rank=2")
+    for key in ("val_loss", "probe_accuracy", "probe_macro_f1"):
+        assert [r[key] for r in one if key in r] == pytest.approx([r[key] for r in full if key in r], rel=1e-4), key
     part = tmp_path / "part"
     _pretrain(store, part, *sets, nproc=2, stop_after=4)
     resumed = _pretrain(store, part, *sets, nproc=2, resume=True)
