@@ -149,6 +149,7 @@ class CellStream(IterableDataset):
         donors: list[str] | None = None,
         exclude_donors: list[str] | None = None,
         joinids: np.ndarray | None = None,
+        ranges: list[tuple[int, int]] | None = None,
         labels: bool = False,
         label_column: str = "cell_type",
         label_names: list[str] | None = None,
@@ -203,7 +204,16 @@ class CellStream(IterableDataset):
         self.labels: np.ndarray | None = None
         self.label_names: list[str] = []
         lists = [datasets, donors, exclude_donors, joinids]
-        self._selection = self._select(store_obj, obs_filter, lists, label_column if labels else None, label_names)
+        if ranges is not None:
+            # Given [start, stop) joinid ranges (held-out validation blocks and the rest): no obs read.
+            if obs_filter or labels or any(x is not None and len(x) for x in lists):
+                raise InputError("ranges select cells on their own: no obs filter, lists or labels with them")
+            self.filter_desc = f"{len(ranges)} joinid range(s)"
+            self._selection = CellSelection(ranges=[(int(a), int(b)) for a, b in ranges if b > a])
+            if len(self._selection) == 0:
+                raise InputError(f"store {self.store_uri}: no cell matches the selection ({self.filter_desc})")
+        else:
+            self._selection = self._select(store_obj, obs_filter, lists, label_column if labels else None, label_names)
         self.fingerprint = _store_fingerprint(store_obj, self._selection)
         self._lengths: np.ndarray | None = None
         self._token_layouts: dict[tuple[int, int, int], TokenBudgetLayout] = {}

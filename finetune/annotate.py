@@ -40,7 +40,7 @@ from hiceller.errors import InputError
 from pretrain.layout import TrainedModel, load_bundle
 from pretrain.model import CellerModel
 
-__all__ = ["Annotator", "GeneCheck", "Predictions", "UNASSIGNED"]
+__all__ = ["Annotator", "GeneCheck", "Predictions", "QueryReader", "UNASSIGNED"]
 
 UNASSIGNED = "Unassigned"
 DEFAULT_MIN_OVERLAP = 0.25
@@ -81,8 +81,9 @@ class Predictions:
     reasons: dict[str, int] = field(default_factory=dict)
 
 
-class Annotator:
-    """A loaded annotator: the encoder, the classifier, the tokenizer settings and trust settings of a bundle."""
+class QueryReader:
+    """What annotation and embedding share: a trained model's spec, its tokenizer, the genes it reads,
+    the gene-overlap check (module docstring, 1.) and the tokenized chunks of a query."""
 
     def __init__(self, trained: TrainedModel, device: str | torch.device = "cpu"):
         self.trained = trained
@@ -90,26 +91,14 @@ class Annotator:
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise InputError("--device cuda asked for, but torch sees no CUDA device")
-        model = CellerModel(spec.model_cfg, n_genes=len(spec.vocab), n_bins=spec.n_bins)
-        task = ClassifierTask(model, len(spec.labels), "ce", np.ones(len(spec.labels)), head=spec.head, wide_input=spec.wide_input)
-        missing, unexpected = task.load_state_dict(trained.state_dict, strict=False)
-        if missing or unexpected:
-            raise InputError(f"bundle {trained.source}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
-        self.task = task.to(self.device).eval()
         self.tokenizer = Tokenizer(n_bins=spec.n_bins, max_genes=spec.max_genes, seed=0)
         self.calibration = Calibration.from_dict(trained.calibration or {})
         # Vocabulary ids the classifier reads: all, or the genes it was fine-tuned on (n_hvg, --query-genes).
         self._reads = None
+        # Chunks also carry each token's log1p(counts per 10k) when a classifier's linear part reads it (Annotator).
+        self.reads_expression = False
         if spec.input_genes is not None:
             self._reads = np.isin(np.array(spec.vocab, dtype=object), np.array(spec.input_genes, dtype=object))
-
-    @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "Annotator":
-        return cls(load_bundle(Path(path)), device)
-
-    @property
-    def labels(self) -> list[str]:
-        return self.spec.labels
 
     def gene_mapping(self, adata, gene_column: str | None = None) -> GeneMapping:
         if gene_column:
@@ -138,8 +127,8 @@ class Annotator:
             raise InputError(f"gene overlap too small: {check.describe()}; minimum {check.minimum:.0%} (--min-overlap)")
         return check
 
-    def _chunks(self, adata, mapping: GeneMapping, batch_size: int, progress, token_budget) -> Iterator[tuple]:
-        """(rows, logits, embeddings, genes read per cell) per chunk of ``batch_size`` cells."""
+    def tokenized_chunks(self, adata, mapping: GeneMapping, batch_size: int, progress=None) -> Iterator[tuple]:
+        """(rows, tokens, genes read per cell) per chunk of ``batch_size`` cells, tokenized as in training."""
         for a in range(0, adata.n_obs, batch_size):
             b = min(a + batch_size, adata.n_obs)
             x = adata.X[a:b]
@@ -147,7 +136,7 @@ class Annotator:
             if x.data.size and (not np.all(np.isfinite(x.data)) or x.data.min() < 0):
                 raise InputError(f"query X has NaN, infinite or negative values (cells {a}-{b})")
             data = x.data
-            if self.task.reads_expression:
+            if self.reads_expression:
                 # log1p(counts per 10k) over every gene of the cell, as for the training cells; a
                 # chunk with non-integer values is log-expression (ingest's rule for a file).
                 data = log1p_normalize(x.row, data, b - a, bool(np.any(data != np.floor(data))))
@@ -161,11 +150,47 @@ class Annotator:
             m.sum_duplicates()  # symbols that differ only in case name one vocabulary gene
             n_genes = np.bincount(m.row, minlength=b - a)
             tok = self.tokenizer.tokenize(m.row, m.col, m.data, b - a, cell_keys=np.arange(a, b, dtype=np.uint64),
-                                          keep_values=self.task.reads_expression)
-            logits, embs = self._predict(tok, token_budget)
+                                          keep_values=self.reads_expression)
+            yield slice(a, b), tok, n_genes
             if progress:
                 progress(b - a)
-            yield slice(a, b), logits, embs, n_genes
+
+    def checked_chunks(self, adata, batch_size: int, gene_column: str | None, min_overlap: float | None, progress=None):
+        """:meth:`tokenized_chunks` of a query that passed :meth:`check_genes` (kept as ``last_check``)."""
+        if adata.n_obs == 0:
+            raise InputError("the query has zero cells")
+        self.last_check = self.check_genes(adata, gene_column, min_overlap)
+        self.last_mapping = self.last_check.mapping
+        yield from self.tokenized_chunks(adata, self.last_mapping, batch_size, progress)
+
+
+class Annotator(QueryReader):
+    """A loaded annotator: the encoder, the classifier, the tokenizer settings and trust settings of a bundle."""
+
+    def __init__(self, trained: TrainedModel, device: str | torch.device = "cpu"):
+        super().__init__(trained, device)
+        spec = self.spec
+        model = CellerModel(spec.model_cfg, n_genes=len(spec.vocab), n_bins=spec.n_bins)
+        task = ClassifierTask(model, len(spec.labels), "ce", np.ones(len(spec.labels)), head=spec.head, wide_input=spec.wide_input)
+        missing, unexpected = task.load_state_dict(trained.state_dict, strict=False)
+        if missing or unexpected:
+            raise InputError(f"bundle {trained.source}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        self.task = task.to(self.device).eval()
+        self.reads_expression = task.reads_expression
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "Annotator":
+        return cls(load_bundle(Path(path)), device)
+
+    @property
+    def labels(self) -> list[str]:
+        return self.spec.labels
+
+    def _chunks(self, adata, batch_size: int, gene_column, min_overlap, progress, token_budget) -> Iterator[tuple]:
+        """(rows, logits, embeddings, genes read per cell) per chunk of ``batch_size`` cells."""
+        for rows, tok, n_genes in self.checked_chunks(adata, batch_size, gene_column, min_overlap, progress):
+            logits, embs = self._predict(tok, token_budget)
+            yield rows, logits, embs, n_genes
 
     def iter_predictions(
         self,
@@ -178,15 +203,8 @@ class Annotator:
         token_budget: int | None = None,
     ) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
         """(rows, calibrated probabilities [n, C], embeddings [n, d]) per chunk of ``batch_size`` cells."""
-        for rows, logits, embs, _ in self._checked_chunks(adata, batch_size, gene_column, min_overlap, progress, token_budget):
+        for rows, logits, embs, _ in self._chunks(adata, batch_size, gene_column, min_overlap, progress, token_budget):
             yield rows, self.calibration.probabilities(logits).astype(np.float32), embs
-
-    def _checked_chunks(self, adata, batch_size, gene_column, min_overlap, progress, token_budget) -> Iterator[tuple]:
-        if adata.n_obs == 0:
-            raise InputError("the query has zero cells")
-        self.last_check = self.check_genes(adata, gene_column, min_overlap)
-        self.last_mapping = self.last_check.mapping
-        yield from self._chunks(adata, self.last_mapping, batch_size, progress, token_budget)
 
     @torch.no_grad()
     def _predict(self, tok, token_budget: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -207,7 +225,7 @@ class Annotator:
         proba = np.zeros((n, len(self.labels)), dtype=np.float32)
         emb = np.zeros((n, self.task.model.embed_dim), dtype=np.float32)
         n_genes = np.zeros(n, dtype=np.int64)
-        for rows, logits, e, g in self._checked_chunks(adata, batch_size, gene_column, min_overlap, progress, token_budget):
+        for rows, logits, e, g in self._chunks(adata, batch_size, gene_column, min_overlap, progress, token_budget):
             proba[rows], emb[rows], n_genes[rows] = self.calibration.probabilities(logits), e, g
         return Predictions(proba, emb, n_genes, self.calibration.novelty(emb))
 

@@ -1,4 +1,4 @@
-"""`hiceller finetune`, `evaluate`, `export`, `annotate`: their arguments and handlers. A handler
+"""`hiceller finetune`, `evaluate`, `export`, `annotate`, `embed`: their arguments and handlers. A handler
 imports the heavy modules (torch, DeepSpeed, TileDB-SOMA, MLflow) only when it runs, so `hiceller
 --help` and other commands stay quick."""
 
@@ -51,6 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_evaluate(sub)
     _add_export(sub)
     _add_annotate(sub)
+    _add_embed(sub)
     p = sub.add_parser("inspect", help="what a bundle or run folder holds: classes, genes read, metrics, provenance, calibration")
     p.add_argument("path", help="bundle folder, fine-tuning run folder or pretraining run folder")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -118,6 +119,27 @@ def _add_annotate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_annotate)
 
 
+def _add_embed(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "embed",
+        help="<cls> cell embeddings of an .h5ad from a pretrained model (obsm X_celler), no fine-tuning",
+        description="Reads the query as annotate does (gene matching, overlap check, chunks) and writes it with "
+        "obsm['X_celler'], for reference mapping and integration. A pretraining run folder gives its best checkpoint "
+        "by validation loss (else its newest); name a checkpoint folder for another step.",
+    )
+    p.add_argument("--model", required=True,
+                   help="pretraining run or checkpoint folder, bundle, fine-tuning run folder (its bundle), or models:/NAME/VERSION")
+    p.add_argument("--input", type=Path, required=True, help="query .h5ad (counts or log-normalised)")
+    p.add_argument("--output", type=Path, required=True, help=".h5ad to write (the query with obsm X_celler)")
+    p.add_argument("--batch-size", type=int, default=256, help="cells per chunk")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--gene-column", default=None, help="var column of gene ids (default: var_names, any case)")
+    p.add_argument("--min-overlap", type=float, default=None, help=MIN_OVERLAP_HELP)
+    p.add_argument("--tracking-uri", default=None, help="for models:/ URIs")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_embed)
+
+
 def _add_adapt_priors(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapt-priors", action=argparse.BooleanOptionalAction, default=DEFAULT_ADAPT_PRIORS,
                    help="re-estimate the query's class mix by EM and re-weight the probabilities (label shift)")
@@ -139,6 +161,12 @@ def _annotate(args: argparse.Namespace) -> int:
     from finetune.commands import annotate
 
     return annotate(args)
+
+
+def _embed(args: argparse.Namespace) -> int:
+    from finetune.commands import embed
+
+    return embed(args)
 
 
 def _export(args: argparse.Namespace) -> int:

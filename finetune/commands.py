@@ -1,4 +1,4 @@
-"""What `hiceller evaluate`, `annotate`, `export` and `inspect` do (their arguments: finetune/cli.py).
+"""What `hiceller evaluate`, `annotate`, `embed`, `export` and `inspect` do (their arguments: finetune/cli.py).
 
 Every handler checks its inputs and output paths before it loads a model or reads cells, writes
 through a temporary file renamed into place, and logs to the project's one MLflow home
@@ -27,7 +27,7 @@ from hiceller.progress import progress_factory
 from pretrain.layout import CHECKSUMS, bundle_of
 from pretrain.tracking import Tracker, resolve_tracking_uri
 
-__all__ = ["evaluate", "annotate", "export", "inspect"]
+__all__ = ["evaluate", "annotate", "embed", "export", "inspect"]
 
 
 def _read_h5ad(path: Path, backed: bool = False):
@@ -180,6 +180,32 @@ def annotate(args: argparse.Namespace) -> int:
         cols = ["celler_label"] + ([args.label_column] if args.label_column else [])
         plot_embedding_umap(out, cols, args.plot)
         print(f"UMAP plot: {args.plot}")
+    return 0
+
+
+def embed(args: argparse.Namespace) -> int:
+    """``<cls>`` embeddings of a query into obsm X_celler (finetune/embed.py), written atomically."""
+    from finetune.embed import Embedder
+    from pretrain.layout import load_trained
+
+    _check_common(args)
+    if not args.input.is_file():
+        raise InputError(f"{args.input}: file does not exist")
+    check_output_file(args.output, "--output", inputs=(args.input,), suffix=".h5ad")
+    embedder = Embedder(load_trained(_bundle_path(args.model, args.tracking_uri)), device=args.device)
+    adata = _read_h5ad(args.input)
+    factory = progress_factory(not args.no_progress)
+    emb = embedder.embed(adata, batch_size=args.batch_size, gene_column=args.gene_column, min_overlap=args.min_overlap,
+                         progress=factory("embed", adata.n_obs) if factory else None)
+    check = embedder.last_check
+    adata.obsm["X_celler"] = emb
+    adata.uns["celler_embed"] = {"model": str(embedder.trained.source), "gene_overlap_rule": check.rule,
+                                 "gene_overlap": float(check.overlap), "genes_matched": int(check.mapping.n_matched)}
+    print(check.describe())
+    if check.warning:
+        print(f"warning: {check.warning}")
+    _write_h5ad(adata, args.output)
+    print(f"embedded {adata.n_obs} cells ({emb.shape[1]} dimensions, obsm['X_celler']) from {embedder.trained.source} -> {args.output}")
     return 0
 
 

@@ -27,6 +27,7 @@ __all__ = [
     "DeepSpeedConfig",
     "FinetuneConfig",
     "ClusterConfig",
+    "ValidationConfig",
     "RunConfig",
     "PRESET_DIR",
     "load_config",
@@ -325,6 +326,37 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True)
+class ValidationConfig:
+    """Held-out cells scored while pretraining (pretrain/validation.py): masked-expression loss and a
+    kNN cell-type probe of the ``<cls>`` embeddings; the checkpoint with the lowest loss is the run's best."""
+
+    every: int = 0
+    """Validate every N optimizer steps and at every checkpoint; 0 turns validation off and holds
+    nothing out (the training stream is then the whole store)."""
+    fraction: float = 0.01
+    """Share of the cells held out, as whole blocks of data.block_size cells picked by a seeded hash,
+    when no datasets or donors are named."""
+    datasets: tuple[str, ...] = ()
+    """Hold out these whole datasets instead."""
+    donors: tuple[str, ...] = ()
+    """Hold out these donors (obs donor_id) instead; reads obs once at start-up."""
+    loss_cells: int = 1024
+    """Held-out cells the validation loss is computed on (a fixed set, fixed masks)."""
+    probe_cells: int = 512
+    """Labelled held-out cells of the kNN probe (a fixed set); 0 turns the probe off."""
+    probe_k: int = 10
+    """Neighbours of the leave-one-out kNN probe (cosine)."""
+
+    def __post_init__(self) -> None:
+        _check(self.every >= 0, "validation.every", f"must be >= 0, got {self.every}")
+        _check(0.0 < self.fraction <= 0.5, "validation.fraction", f"must be in (0, 0.5], got {self.fraction}")
+        _check(not (self.datasets and self.donors), "validation.donors", "name datasets or donors to hold out, not both")
+        _check(self.loss_cells >= 1, "validation.loss_cells", f"must be >= 1, got {self.loss_cells}")
+        _check(self.probe_cells >= 0, "validation.probe_cells", f"must be >= 0, got {self.probe_cells}")
+        _check(self.probe_k >= 1, "validation.probe_k", f"must be >= 1, got {self.probe_k}")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """The whole configuration of one run."""
 
@@ -336,6 +368,7 @@ class RunConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
 
     def __post_init__(self) -> None:
         # Autocast keeps fp32 weights and needs no loss scaling in bf16; fp16 would need a scaler,

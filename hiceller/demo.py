@@ -1,6 +1,7 @@
 """`make demo`: the whole HiCeller pipeline on generated data (plus ../shared/data when present).
 
-    synth -> ingest -> info -> pretrain (DeepSpeed ZeRO-2, 2 CPU ranks) -> fine-tune one tissue
+    synth -> ingest -> info -> pretrain (DeepSpeed ZeRO-2, 2 CPU ranks, validated on 1% of the cells held
+    out: loss and kNN probe in MLflow, the best checkpoint kept) -> fine-tune one tissue
     (GInf + 2 hard-mining rounds, one donor held out) -> export (registered in MLflow) -> annotate the held-out donor's
     cells -> evaluate -> summary
 
@@ -55,6 +56,17 @@ def _heldout_h5ad(hc: list[str], store: Path, tissue: str, path: Path) -> tuple[
     return donor, int(donors[donor])
 
 
+def _validation_line(run: Path) -> str:
+    """The last validation figures of a pretraining run (metrics.jsonl) and its best checkpoint."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"val_loss"' in line]
+    if not rows:
+        return "no validation figures"
+    r = rows[-1]
+    best = json.loads((run / "best_checkpoint.json").read_text())
+    probe = f", kNN probe accuracy {r['probe_accuracy']:.3f} / macro-F1 {r['probe_macro_f1']:.3f}" if "probe_accuracy" in r else ""
+    return f"step {r['step']} loss {r['loss']:.1f}, held-out loss {r['val_loss']:.1f}{probe}; best checkpoint {best['checkpoint']}"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m hiceller.demo", description=__doc__)
     ap.add_argument("--out", type=Path, default=Path("demo_out"))
@@ -89,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         hc
         + ["launch", "--config", "debug", "--store", str(store), "--out", str(pre), "--nodes", "1", "--gpus-per-node", "2"]
         + ["--set", f"train.steps={args.steps}", "--set", "deepspeed.zero_stage=2", "--resume", "auto"]
+        + ["--set", f"validation.every={max(1, args.steps // 3)}"]
     )
     donor, n = _heldout_h5ad(hc, store, tissue, query)
     for p in (ft, bundle):
@@ -108,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     report = json.loads(_run(hc + ["evaluate", "--model", str(bundle), "--input", str(annotated), "--json"], capture=True).strip().splitlines()[-1])
     rare = report.get("rare_class_f1")
     print(f"\ndemo finished in {time.time() - t0:.0f} s")
+    print(f"  pretraining: {_validation_line(pre)}")
     print(f"  tissue {tissue}, held-out donor {donor}: {n} cells")
     print(f"  macro-F1 {report['macro_f1']:.3f}, rare-class F1 {'n/a' if rare is None else f'{rare:.3f}'}, accuracy {report['accuracy']:.3f}")
     print(f"  store:       {store}")

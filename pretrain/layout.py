@@ -51,7 +51,8 @@ __all__ = [
     "CONFIG", "VOCAB", "LABELS", "METRICS", "SUMMARY", "SPLIT", "BUNDLE_DIR", "CHECKPOINT_DIR", "COMPLETE",
     "BUNDLE_FILES", "CALIBRATION", "CHECKSUMS", "BUNDLE_FORMAT",
     "ModelSpec", "TrainedModel",
-    "tag_for", "checkpoint_root", "list_checkpoints", "latest_complete", "resolve_checkpoint",
+    "tag_for", "checkpoint_root", "list_checkpoints", "latest_complete", "resolve_checkpoint", "resolve_pretrained",
+    "BEST", "write_best", "read_best", "clear_best",
     "write_json_atomic", "mark_complete", "prune", "write_run_files", "write_spec", "read_spec", "read_run_config",
     "round_name", "round_dir", "write_summary", "read_summary", "best_round_dir", "bundle_of", "run_folder_of",
     "write_bundle", "verify_bundle", "load_bundle", "load_trained", "consolidate", "UNIVERSAL", "universal_checkpoint",
@@ -69,6 +70,8 @@ COMPLETE = "COMPLETE"
 META = "meta.json"
 UNIVERSAL = "universal"
 """DeepSpeed's universal form of a checkpoint (ds_to_universal), inside the checkpoint's folder."""
+BEST = "best_checkpoint.json"
+"""In a pretraining run folder: the checkpoint with the lowest validation loss (pretrain/validation.py)."""
 BUNDLE_FILES = ("model.safetensors", "config.json", "vocab.json", "labels.json", "metrics.json")
 CALIBRATION = "calibration.json"
 """Optional (bundles written before it have none): temperature, thresholds, novelty centroids."""
@@ -157,6 +160,40 @@ def resolve_checkpoint(path: Path) -> Path:
     return path
 
 
+def write_best(run_dir: Path, step: int, val_loss: float) -> None:
+    write_json_atomic(Path(run_dir) / BEST, {"step": int(step), "checkpoint": tag_for(step), "val_loss": float(val_loss)})
+
+
+def read_best(run_dir: Path) -> dict[str, Any] | None:
+    """The run's best checkpoint record (step, checkpoint, val_loss), or None when it has none."""
+    path = Path(run_dir) / BEST
+    if not path.is_file():
+        return None
+    try:
+        best = json.loads(path.read_text())
+        return {"step": int(best["step"]), "checkpoint": str(best["checkpoint"]), "val_loss": float(best["val_loss"])}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise HicellerError(f"{path} is unreadable ({type(e).__name__}); remove it to use the newest checkpoint") from None
+
+
+def clear_best(run_dir: Path) -> None:
+    (Path(run_dir) / BEST).unlink(missing_ok=True)
+
+
+def resolve_pretrained(path: Path) -> Path:
+    """The checkpoint a model is loaded from: in a run folder the best one by validation loss when
+    validation ran (else the newest complete one); a checkpoint folder as named."""
+    path = Path(path)
+    best = read_best(path) if (path / CHECKPOINT_DIR).is_dir() else None
+    if best is not None:
+        cp = checkpoint_root(path) / best["checkpoint"]
+        if not (cp / COMPLETE).is_file():
+            raise HicellerError(f"{path}: its best checkpoint {best['checkpoint']} ({BEST}) is missing or incomplete; "
+                                "name a checkpoint folder instead")
+        return cp
+    return resolve_checkpoint(path)
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -181,11 +218,14 @@ def read_meta(cp: Path) -> dict[str, Any]:
 
 
 def prune(run_dir: Path, keep_last: int) -> list[Path]:
-    """Delete all but the newest ``keep_last`` complete checkpoints, and incomplete ones older than
-    the newest complete one (left by a crash while saving)."""
+    """Delete all but the newest ``keep_last`` complete checkpoints (and the run's best, see
+    :func:`read_best`), and incomplete ones older than the newest complete one (left by a crash while saving)."""
     complete = list_checkpoints(run_dir)
+    best = read_best(run_dir)
     removed = []
     for p in complete[:-keep_last] if keep_last else complete:
+        if best is not None and p.name == best["checkpoint"]:
+            continue  # the best by validation loss stays, whatever its age
         _remove_checkpoint(p)
         removed.append(p)
     if complete:
@@ -498,12 +538,13 @@ def load_bundle(path: Path) -> TrainedModel:
 
 
 def load_trained(path: Path) -> TrainedModel:
-    """A bundle, a run folder (its newest complete checkpoint) or a checkpoint folder."""
+    """A bundle, a run folder (its best checkpoint by validation loss, else its newest complete one)
+    or a checkpoint folder."""
     path = Path(path)
     if (path / CHECKSUMS).is_file():
         return load_bundle(path)
     if not path.exists():
         raise InputError(f"{path} does not exist")
-    cp = resolve_checkpoint(path)
+    cp = resolve_pretrained(path)
     spec, cfg = read_spec(cp)
     return TrainedModel(spec, consolidate(cp, cfg.deepspeed.zero_stage), cp)

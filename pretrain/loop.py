@@ -54,6 +54,7 @@ from pretrain.tracking import Tracker
 
 if TYPE_CHECKING:  # the loop only iterates streams; no store stack needed to run it
     from data_store.stream import CellStream
+    from pretrain.validation import Validator
 
 __all__ = ["LoopResult", "warmup_cosine", "train", "make_optimizer", "full_state_dict"]
 
@@ -233,7 +234,7 @@ def _log(record: dict, cfg: RunConfig, run_dir: Path, tracker: Tracker, bar) -> 
     step = record["step"]
     with (run_dir / layout.METRICS).open("a") as f:
         f.write(json.dumps(record) + "\n")
-    if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+    if step % cfg.train.log_every == 0 or step == cfg.train.steps or "val_loss" in record:
         tracker.log_metrics({k: v for k, v in record.items() if k != "step"}, step)
     if bar:
         bar.update(1)
@@ -253,9 +254,11 @@ def train(
     stop_after_steps: int | None = None,
     progress: bool = True,
     log_prefix: str = "",
+    validator: "Validator | None" = None,
 ) -> LoopResult:
     """Run ``cfg.train.steps`` optimizer steps of ``task`` on ``streams`` (this rank's data shards);
-    every checkpoint carries ``spec``, what the weights mean (pretrain/layout.py)."""
+    every checkpoint carries ``spec``, what the weights mean (pretrain/layout.py). A ``validator``
+    (pretrain/validation.py) scores held-out cells on its steps and keeps the best checkpoint."""
     dims = BatchDims.from_train(cfg.train, dist.world_size)
     run_dir = Path(run_dir)
     cp = _resume_point(run_dir, resume, dist) if resume else None
@@ -265,6 +268,8 @@ def train(
         _convert_universal(cp, dist, log_prefix)
     engine, sched, setup = _build_engine(cfg, task, dist, tracker, log_prefix, load_universal=universal)
     step = _start_step(engine, run_dir, cp, meta, universal, streams, dist, log_prefix)
+    if validator is not None:
+        validator.resume(run_dir, step)
     feed = MicroBatchFeed(task, streams, cfg, dist.device, lookahead=dist.device.type == "cuda")
     result = LoopResult(step=step, setup=setup)
     bar = None
@@ -278,7 +283,9 @@ def train(
         step, steps_this_run = step + 1, steps_this_run + 1
         now = time.perf_counter()
         record = _record(engine, sched, dist, step, dims.grad_accum, sums, cells, tokens, now - t_last)
-        t_last = now
+        if validator is not None and validator.due(step, saves_after):
+            record.update(validator.run(engine))  # every rank takes part
+        t_last = time.perf_counter()  # validation time is not training throughput
         result.losses.append(record["loss"])
         if dist.is_main:
             _log(record, cfg, run_dir, tracker, bar)
@@ -286,6 +293,8 @@ def train(
             result.last_checkpoint = save(engine, run_dir, step, streams, cfg, dist, spec)
             if dist.is_main:
                 tracker.set_tags({"last_checkpoint": result.last_checkpoint})
+            if validator is not None:
+                validator.after_save(run_dir, result.last_checkpoint, step, record["val_loss"], tracker)
         if stop_after_steps is not None and steps_this_run >= stop_after_steps and step < cfg.train.steps:
             result.stopped_early = True
             break

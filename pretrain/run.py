@@ -28,6 +28,7 @@ from pretrain.parallelize import apply_activation_checkpointing
 from pretrain.plots import plot_loss_curve
 from pretrain.task import PretrainTask
 from pretrain.tracking import Tracker
+from pretrain.validation import Validator, hold_out
 
 __all__ = ["run_pretrain", "build_streams"]
 
@@ -83,14 +84,17 @@ def run_pretrain(args: argparse.Namespace) -> int:
     task = PretrainTask(model, cfg.train.mask_ratios, cfg.train.objective)
     # Store genes the model does not know (added to the store after its vocabulary) are dropped.
     gene_map = map_genes(store_vocab, spec.vocab, upper=False).ids
-    streams = build_streams(cfg, args.store, dist.rank, dist.world_size, gene_map=gene_map)
+    # Validation holds cells out of every training shard (the same split on every rank).
+    held = hold_out(store, cfg) if cfg.validation.every else None
+    streams = build_streams(cfg, args.store, dist.rank, dist.world_size, gene_map=gene_map, **(held.train if held else {}))
     tracker = Tracker(out, enabled=dist.is_main, tracking_uri=args.tracking_uri, run_name=f"pretrain-{out.name}")
     if dist.is_main:
         _describe(cfg, model, streams, dist, tracker, args, out, len(spec.vocab))
+    validator = Validator(cfg, task, held, args.store, dist, gene_map) if held else None
     status = "FAILED"
     try:
         result = train(cfg, task, streams, out, dist, tracker, spec=spec, resume=resume,
-                       stop_after_steps=args.stop_after_steps, progress=not args.no_progress)
+                       stop_after_steps=args.stop_after_steps, progress=not args.no_progress, validator=validator)
         status = "FINISHED" if not result.stopped_early else "KILLED"
     finally:
         if dist.is_main:

@@ -170,6 +170,12 @@ CASES: list[Case] = [
     C("annotate-pretraining-run", ("annotate", "--model", "{pre}", "--input", "{in}/query.h5ad", "--output", "o.h5ad", "--no-progress"), "checksums.sha256 is missing", ("o.h5ad",)),
     C("annotate-confidence-out-of-range", ("annotate", "--model", "{bundle}", "--input", "{in}/query.h5ad", "--output", "o.h5ad", "--min-confidence", "2", "--no-progress"), "--min-confidence must be in [0, 1]", ("o.h5ad",)),
     C("annotate-missing-gene-column", ("annotate", "--model", "{bundle}", "--input", "{in}/query.h5ad", "--output", "o.h5ad", "--gene-column", "symbol", "--no-progress"), "no column 'symbol'", ("o.h5ad",)),
+    # embed
+    C("embed-missing-file", ("embed", "--model", "{pre}", "--input", "missing.h5ad", "--output", "o.h5ad", "--no-progress"), "missing.h5ad: file does not exist", ("o.h5ad",)),
+    C("embed-output-is-input", ("embed", "--model", "{pre}", "--input", "in.h5ad", "--output", "in.h5ad", "--no-progress"), "is the input file", (), _copy_query),
+    C("embed-zero-gene-overlap", ("embed", "--model", "{pre}", "--input", "{in}/other_genes.h5ad", "--output", "o.h5ad", "--no-progress"), "gene overlap too small", ("o.h5ad",)),
+    C("embed-missing-model", ("embed", "--model", "nomodel", "--input", "{in}/query.h5ad", "--output", "o.h5ad", "--no-progress"), "nomodel does not exist", ("o.h5ad",)),
+    C("embed-empty-query", ("embed", "--model", "{bundle}", "--input", "{in}/empty.h5ad", "--output", "o.h5ad", "--no-progress"), "zero cells", ("o.h5ad",)),
     # evaluate
     C("evaluate-missing-label-column", ("evaluate", "--model", "{ft}", "--input", "{in}/query.h5ad", "--label-column", "truth", "--out", "ev"), "no label column 'truth'", ("ev",)),
     C("evaluate-missing-file", ("evaluate", "--model", "{ft}", "--input", "missing.h5ad", "--out", "ev"), "missing.h5ad: file does not exist", ("ev",)),
@@ -179,7 +185,7 @@ CASES: list[Case] = [
     C("evaluate-zero-batch-size", ("evaluate", "--model", "{ft}", "--input", "{in}/query.h5ad", "--batch-size", "0", "--out", "ev"), "--batch-size must be >= 1", ("ev",)),
 ]
 
-ENTRY_POINTS = {"ingest", "synth", "info", "pretrain", "finetune", "launch", "export", "annotate", "evaluate"}
+ENTRY_POINTS = {"ingest", "synth", "info", "pretrain", "finetune", "launch", "export", "annotate", "evaluate", "embed"}
 
 
 def test_failed_finetune_reruns_into_the_same_out(world: dict[str, Path], tmp_path: Path) -> None:
