@@ -11,13 +11,14 @@ a linear classifier on the cell's expression (the "wide" part), or both summed.
   has to earn its share of the logits.
 
 What the wide part reads (``finetune.wide_input``):
-- ``expression`` (the default): each token's ``log1p(counts per 10k)`` (log-expression input is
+- ``expression``: each token's ``log1p(counts per 10k)`` (log-expression input is
   exponentiated back first), scaled per gene by the largest value in the training cells: the input
   of the logistic regressions it has to match. With an L1 penalty (``finetune.wide_l1``) it is
   their model, trained by the shared loop. Batches carry it as ``PackedBatch.expr``.
-- ``bins``: the encoder's value bins divided by the top bin (no other input; models before the
-  option). Rank bins lose what log1p keeps: on the PBMC tasks the same L1 regression scored
-  0.05-0.06 macro-F1 lower on bins (bench/RESULTS.md, issue 1/8).
+- ``bins`` (the default): the encoder's value bins divided by the top bin (no other input; models
+  before the option read them). Rank bins lose what log1p keeps: on the PBMC tasks the same L1
+  regression scored 0.05-0.06 macro-F1 lower on bins, while on Baron expression with the L1 penalty
+  lost a 3-cell class (bench/RESULTS.md, issue 1/8).
 
 State dict keys are ``model.*`` (the Celler encoder, as pretrained), ``head.*`` (a Linear from the
 cell embedding to the classes) and, with a wide part, ``wide.*``: the same keys in DeepSpeed

@@ -303,6 +303,7 @@ def test_finetune_on_variable_genes(world, tmp_path):
     hc(
         "finetune", "--store", str(world["store"]), "--pretrained", str(world["pre"]), "--tissue", world["tissue"], "--out", str(ft),
         "--set", "finetune.epochs=1", "--set", "finetune.mining_rounds=0", "--set", "finetune.n_hvg=100", "--no-progress",
+        "--set", "finetune.wide_input=expression", "--set", "finetune.wide_l1=1e-4",
     )
     bundle = load_bundle(ft / "model")
     assert len(bundle.spec.input_genes) == 100 and set(bundle.spec.input_genes) <= set(bundle.spec.vocab)
@@ -327,7 +328,7 @@ def test_finetune_on_variable_genes(world, tmp_path):
     b = ann.annotate(ad.AnnData(X=sp.csr_matrix(X), obs=q.obs.copy(), var=q.var.copy()))
     np.testing.assert_allclose(b.obsm["X_celler"], a.obsm["X_celler"], atol=1e-5)
     assert list(b.obs["celler_label"]) == list(a.obs["celler_label"])
-    assert bundle.spec.wide_input == "expression"  # the default
+    assert bundle.spec.wide_input == "expression"
     # A query sequenced three times deeper, or given as log1p(counts per 10k), reads the same.
     for Xq in (q.X * 3, sp.csr_matrix(np.log1p(q.X.toarray() / q.X.toarray().sum(1, keepdims=True) * 1e4))):
         c = ann.annotate(ad.AnnData(X=sp.csr_matrix(Xq), obs=q.obs.copy(), var=q.var.copy()))
