@@ -336,7 +336,8 @@ def _as_str(col) -> np.ndarray:
     if isinstance(col, pd.Series):
         col = col.array
     if isinstance(col, pd.Categorical):
-        return np.asarray(col.categories.astype(str), dtype=object)[col.codes]
+        # code -1 (missing) picks the appended "nan", as astype(str) writes a missing value below
+        return np.append(np.asarray(col.categories.astype(str), dtype=object), "nan")[col.codes]
     return pd.Series(col).astype(str).to_numpy(dtype=object)
 
 

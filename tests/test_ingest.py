@@ -576,3 +576,15 @@ def test_ingest_every_shared_file(tmp_path: Path, shared_data: Path) -> None:
         assert rows["donor_id"].tolist() == a.obs["batch"].astype(str).tolist(), f.name
         _names, expected = source_matrix(f, content.vocab)
         assert (content.X[rec.start : rec.stop] != expected).nnz == 0, f.name
+
+
+def test_missing_values_of_categorical_obs_columns_read_as_nan_not_as_a_category():
+    """A categorical donor/tissue/disease column with missing cells (code -1) gives "nan" for them,
+    as a string column with missing values does, never the last category."""
+    import pandas as pd
+
+    from data_store.ingest import _as_str
+
+    cat = pd.Categorical(["d1", None, "d2", None], categories=["d1", "d2"])
+    assert _as_str(pd.Series(cat)).tolist() == ["d1", "nan", "d2", "nan"]
+    assert _as_str(pd.Series(["d1", float("nan")], dtype=object)).tolist() == ["d1", "nan"]
