@@ -6,6 +6,9 @@ Each tree runs ``python -m hiceller ingest`` with ``PYTHONPATH`` set to it, on p
 same 60k cells as 20 files and as 1,000 files of 60 cells, and one 60-cell file for the start-up;
 made by ``python bench/scale.py --parts A`` under ``--out``). Prints medians of wall and CPU seconds
 (the process and its validation workers) and ends with one JSON line.
+
+``--per-file N`` instead times, per tree, the validation of N of the 60-cell files in one process
+(CPU ms per file, after a warm-up): the fixed cost that the 1,000-file set pays 980 times more.
 """
 
 from __future__ import annotations
@@ -24,6 +27,33 @@ from scale import run_watched  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SETS = {"20 files": "20_files", "1000 files": "1000_files", "start-up": "one_file"}
+PER_FILE = """
+import sys, time
+from pathlib import Path
+import data_store.ingest as ing
+files = sorted(Path(sys.argv[1]).glob("*.h5ad"))[: int(sys.argv[2])]
+opts = ing.IngestOptions(label_column="cell_type", batch_column="donor", tissue="lung", disease="normal")
+for p in files[:20]:
+    ing._check_one(p, opts)
+t0 = time.process_time()
+for p in files:
+    ing._check_one(p, opts)
+print((time.process_time() - t0) / len(files) * 1e3)
+"""
+
+
+def per_file(trees: dict[str, str], folder: Path, n: int, reps: int) -> dict[str, list[float]]:
+    """CPU ms per file of validation, each tree in its own process, interleaved."""
+    import subprocess
+
+    out: dict[str, list[float]] = {t: [] for t in trees}
+    for _ in range(reps):
+        for tree, path in trees.items():
+            env = dict(os.environ, PYTHONPATH=str(Path(path).resolve()))
+            r = subprocess.run([sys.executable, "-c", PER_FILE, str(folder), str(n)], env=env, capture_output=True, text=True, check=True)
+            out[tree].append(round(float(r.stdout.split()[-1]), 2))
+            print(f"{tree}: {out[tree][-1]} ms per file", flush=True)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,12 +61,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tree", action="append", required=True, help="NAME=PATH of a checkout to run (repeat)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "scale" / "full", help="bench/scale.py's output folder")
+    ap.add_argument("--per-file", type=int, metavar="N", help="time the validation of N small files per tree instead")
     args = ap.parse_args(argv)
     trees = dict(t.split("=", 1) for t in args.tree)
     small = args.out / "small"
     for folder in SETS.values():
         if not (small / folder / "files.tsv").is_file():
             raise SystemExit(f"{small / folder} is missing: run python bench/scale.py --parts A --out {args.out.parent} first")
+    if args.per_file:
+        runs = per_file(trees, small / "1000_files", args.per_file, args.reps)
+        print(json.dumps({t: {"ms_per_file_runs": v, "ms_per_file_median": statistics.median(v)} for t, v in runs.items()}))
+        return 0
     wall = {t: {s: [] for s in SETS} for t in trees}
     cpu = {t: {s: [] for s in SETS} for t in trees}
     work = Path(tempfile.mkdtemp(prefix="small_files_ab_"))
