@@ -130,6 +130,23 @@ def test_resume_refuses_another_budget_or_cell_batches(store_uri):
         make(store_uri, rank=0, world_size=1, batch_tokens=None, batch_cells=8).load_state_dict(state)
 
 
+def test_token_budget_epoch_continues_on_the_same_world_only(store_uri):
+    """Batches are cut per world, so an epoch saved on 2 ranks goes on on 2 (load_epoch_state) and is
+    refused on 1 or 3 in one line, not resumed with cells skipped or repeated."""
+    saved = []
+    for r in range(2):
+        s = make(store_uri, rank=r, world_size=2)
+        it = iter(s)
+        next(it)
+        saved.append(s.state_dict())
+    same = make(store_uri, rank=1, world_size=2)
+    same.load_epoch_state(saved)
+    assert same._start_batch == 1
+    for world in (1, 3):
+        with pytest.raises(HicellerError, match="continues on 2 rank"):
+            make(store_uri, rank=0, world_size=world).load_epoch_state(saved)
+
+
 def test_bad_stream_arguments(store_uri):
     with pytest.raises(InputError, match="max_genes \\+ 1 = 13"):
         make(store_uri, batch_tokens=12)
