@@ -46,6 +46,7 @@ so over the epoch no cell is read twice and none is skipped.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -59,7 +60,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data_store.batching import pack, to_padded
 from data_store.layout import (EpochStage, StreamLayout, batches_per_rank, per_worker_skip, rank_layout, remaining_order,
                                window_batches, window_perm)
-from data_store.token_budget import TokenBudgetLayout, cell_token_lengths, token_budget_layout
+from data_store.token_budget import TokenBudgetLayout, cell_token_lengths, remaining_cells, token_budget_layout
 from data_store.store import CorpusStore, XReader
 from data_store.tokenize import TokenizedCells, Tokenizer, log1p_normalize
 from hiceller.config import RunConfig
@@ -217,6 +218,7 @@ class CellStream(IterableDataset):
         self.fingerprint = _store_fingerprint(store_obj, self._selection)
         self._lengths: np.ndarray | None = None
         self._token_layouts: dict[tuple[int, int, int], TokenBudgetLayout] = {}
+        self._token_rest: np.ndarray | None = None  # an epoch resumed on another world: the cells left
 
     def _select(self, store_obj: CorpusStore, obs_filter: str | None, lists: list, label_column: str | None,
                 label_names: list[str] | None) -> "CellSelection":
@@ -296,7 +298,8 @@ class CellStream(IterableDataset):
         self.epoch = int(epoch)
         self._start_batch = 0
         self._position = 0
-        self._history, self._resumed = [], None
+        self._history, self._resumed, self._token_rest = [], None, None
+        self._token_layouts = {}
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -347,11 +350,6 @@ class CellStream(IterableDataset):
         if world == self.world_size:
             self.load_state_dict(states[self.rank])
             return
-        if self.batch_tokens is not None:
-            # Token-budget batches are cut per world (every rank keeps the smallest count), so which
-            # cells a saved world had taken is not known from positions alone.
-            raise HicellerError(f"a token-budget epoch saved on {world} rank(s) continues on {world} rank(s) only; "
-                                f"this run has {self.world_size} (resume at the epoch's end, or set train.micro_batch_cells)")
         histories = {json.dumps(st.get("history", []), sort_keys=True) for st in states}
         if len({st.get("epoch") for st in states}) != 1 or len(histories) != 1:
             raise HicellerError("loader states of the saved world are from different epochs; the checkpoint is inconsistent")
@@ -363,6 +361,13 @@ class CellStream(IterableDataset):
 
     def _set_history(self, history: list[EpochStage]) -> None:
         self._history = history
+        if self.batch_tokens is not None:
+            # The cells left by the saved worlds, cut into this world's token-budget batches (layout_for).
+            self._token_rest = None if not history else remaining_cells(
+                self.cell_lengths(), history, batch_tokens=self.batch_tokens, block_size=self.block_size,
+                buffer_blocks=self.buffer_blocks, shuffle=self.shuffle, seed=self.seed, epoch=self.epoch)
+            self._token_layouts, self._resumed = {}, None
+            return
         if not history:
             self._resumed = None
             return
@@ -390,10 +395,15 @@ class CellStream(IterableDataset):
             r = self.rank if rank is None else rank
             key = (self.epoch, r, nw)
             if key not in self._token_layouts:
-                self._token_layouts = {key: token_budget_layout(
-                    self.cell_lengths(), rank=r, world_size=self.world_size, batch_tokens=self.batch_tokens,
-                    block_size=self.block_size, buffer_blocks=self.buffer_blocks, num_workers=nw, shuffle=self.shuffle,
-                    seed=self.seed, epoch=self.epoch)}
+                base = self._token_rest
+                lengths = self.cell_lengths()
+                lay = token_budget_layout(
+                    lengths if base is None else lengths[base], rank=r, world_size=self.world_size,
+                    batch_tokens=self.batch_tokens, block_size=self.block_size, buffer_blocks=self.buffer_blocks,
+                    num_workers=nw, shuffle=self.shuffle, seed=self.seed, epoch=self.epoch)
+                if base is not None:  # positions among the cells left -> positions into J
+                    lay = dataclasses.replace(lay, order=base[lay.order])
+                self._token_layouts = {key: lay}
             return self._token_layouts[key]
         len(self)  # refuses a selection too small for the world
         return rank_layout(

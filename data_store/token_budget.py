@@ -16,6 +16,10 @@ and of seed, epoch, world size and workers, so every rank computes every rank's 
    collectives never wait for a batch another rank lacks. The cells of a rank's surplus batches
    (those at the end of its last windows) sit this epoch out, a different set every epoch.
 
+An epoch resumed on another world (:func:`remaining_cells`): every saved rank's batches are cut again
+from the same lengths, the cells of the batches each had handed out are removed, and the new world
+cuts its batches, as above, over the cells left (the surplus cells of the saved world included).
+
 The token counts come from X itself (:func:`cell_token_lengths`): the store has no per-cell count
 of non-zeros, and one recorded elsewhere (an ``n_genes`` obs column of the source file) counts genes
 before they were mapped to the vocabulary, so it could break the budget.
@@ -28,10 +32,10 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-from data_store.layout import rank_layout
+from data_store.layout import EpochStage, per_worker_skip, rank_layout
 from data_store.store import XReader
 
-__all__ = ["TokenBudgetLayout", "cell_token_lengths", "greedy_cuts", "token_budget_layout", "window_perm"]
+__all__ = ["TokenBudgetLayout", "cell_token_lengths", "greedy_cuts", "remaining_cells", "token_budget_layout", "window_perm"]
 
 _SCAN_CELLS = 8192
 """Cells per X read while counting non-zeros (one range read each where joinids are contiguous)."""
@@ -157,7 +161,11 @@ def token_budget_layout(
     counts = [sum(len(e) for e in _rank_windows(lengths, n_cells, r, world_size, batch_tokens, **kw)[2])
               for r in range(world_size) if r != rank]
     order, w, ends, perms = _rank_windows(lengths, n_cells, rank, world_size, batch_tokens, **kw)
-    n = min([sum(len(e) for e in ends), *counts])
+    return _kept(order, w, ends, perms, min([sum(len(e) for e in ends), *counts]))
+
+
+def _kept(order, w, ends, perms, n: int) -> TokenBudgetLayout:
+    """A rank's layout keeping its first ``n`` batches, windows in order."""
     kept, left = [], n
     for e in ends:
         if left == 0:
@@ -165,4 +173,47 @@ def token_budget_layout(
         kept.append(e[:left])
         left -= len(kept[-1])
     return TokenBudgetLayout(order=order, window_cells=w, batch_ends=tuple(kept), perms=tuple(perms[: len(kept)]), n_batches=n)
+
+
+def remaining_cells(
+    lengths: np.ndarray,
+    stages: list[EpochStage],
+    *,
+    batch_tokens: int,
+    block_size: int,
+    buffer_blocks: int,
+    shuffle: bool,
+    seed: int,
+    epoch: int,
+) -> np.ndarray:
+    """Positions (into J, sorted) of the cells that no batch of ``stages`` handed out.
+
+    Each stage is a world that ran part of the epoch over the cells the stages before it left; its
+    ranks' batches are cut again (each rank's windows once) and the first ``positions[r]`` batches of
+    rank ``r``, in the order its loader workers handed them out, are taken away."""
+    rest = np.arange(len(lengths), dtype=np.int64)
+    for st in stages:
+        nw = max(1, st.num_workers)
+        kw = dict(block_size=block_size, buffer_blocks=buffer_blocks, num_workers=nw, shuffle=shuffle, seed=seed, epoch=epoch)
+        sub = lengths[rest]
+        per = [_rank_windows(sub, len(sub), r, st.world_size, batch_tokens, **kw) for r in range(st.world_size)]
+        n = min(sum(len(e) for e in p[2]) for p in per)
+        taken = []
+        for r, p in enumerate(per):
+            lay = _kept(*p, n)
+            skips, _ = per_worker_skip(lay, nw, st.positions[r])
+            wins = list(lay.windows())
+            for wk in range(nw):
+                left = skips[wk]
+                for k in wins[wk::nw]:
+                    if left == 0:
+                        break
+                    batches = lay.window_batches(k)[:left]
+                    taken.extend(batches)
+                    left -= len(batches)
+        if taken:
+            gone = np.zeros(len(rest), dtype=bool)
+            gone[np.concatenate(taken)] = True
+            rest = rest[~gone]
+    return rest
 

@@ -130,21 +130,38 @@ def test_resume_refuses_another_budget_or_cell_batches(store_uri):
         make(store_uri, rank=0, world_size=1, batch_tokens=None, batch_cells=8).load_state_dict(state)
 
 
-def test_token_budget_epoch_continues_on_the_same_world_only(store_uri):
-    """Batches are cut per world, so an epoch saved on 2 ranks goes on on 2 (load_epoch_state) and is
-    refused on 1 or 3 in one line, not resumed with cells skipped or repeated."""
-    saved = []
-    for r in range(2):
-        s = make(store_uri, rank=r, world_size=2)
+@pytest.mark.parametrize(("old", "new", "taken"), [(2, 1, 3), (1, 2, 5), (2, 3, 2)])
+def test_token_budget_epoch_continues_on_another_world(store_uri, old, new, taken):
+    """An epoch saved on ``old`` ranks after ``taken`` batches each goes on on ``new`` ranks with the
+    cells no saved batch had: none twice, equal batch counts on the new ranks, each within budget,
+    and the only cells left out are the new world's own surplus (as in any token-budget epoch)."""
+    seen, saved = [], []
+    for r in range(old):
+        s = make(store_uri, rank=r, world_size=old)
+        s.set_epoch(1)
         it = iter(s)
-        next(it)
+        seen += [j for _ in range(taken) for j in next(it).joinids.tolist()]
         saved.append(s.state_dict())
-    same = make(store_uri, rank=1, world_size=2)
+    streams = [make(store_uri, rank=r, world_size=new) for r in range(new)]
+    for s in streams:
+        s.set_epoch(1)
+        s.load_epoch_state(saved)
+    assert len({len(s) for s in streams}) == 1
+    for s in streams:
+        batches = list(s)
+        assert len(batches) == len(s) and all(b.n_tokens <= BUDGET for b in batches)
+        seen += joinids_of(batches)
+    assert len(seen) == len(set(seen))
+    all_cells = set(streams[0].joinids.tolist())
+    left_out = all_cells - set(seen)
+    # the new world's surplus: cells left for it that no rank's kept batches hold
+    rest = set(streams[0].joinids[streams[0]._token_rest].tolist())
+    assert left_out <= rest and len(left_out) < 0.1 * len(all_cells)
+    # the same world is the plain resume
+    same = make(store_uri, rank=0, world_size=old)
+    same.set_epoch(1)
     same.load_epoch_state(saved)
-    assert same._start_batch == 1
-    for world in (1, 3):
-        with pytest.raises(HicellerError, match="continues on 2 rank"):
-            make(store_uri, rank=0, world_size=world).load_epoch_state(saved)
+    assert same._start_batch == taken and same._token_rest is None
 
 
 def test_bad_stream_arguments(store_uri):
