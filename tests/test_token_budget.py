@@ -164,6 +164,28 @@ def test_token_budget_epoch_continues_on_another_world(store_uri, old, new, take
     assert same._start_batch == taken and same._token_rest is None
 
 
+def test_token_budget_epoch_moved_twice_sees_no_cell_twice(store_uri):
+    """2 ranks, then 3, then 1 within one epoch: the second move replays the first from the saved history."""
+    def stage(streams, n):
+        cells = []
+        for s in streams:
+            it = iter(s)
+            cells += [j for _ in range(n) for j in next(it).joinids.tolist()]
+        return cells, [s.state_dict() for s in streams]
+
+    first = [make(store_uri, rank=r, world_size=2) for r in range(2)]
+    seen, saved = stage(first, 2)
+    second = [make(store_uri, rank=r, world_size=3) for r in range(3)]
+    for s in second:
+        s.load_epoch_state(saved)
+    more, saved = stage(second, 2)
+    last = make(store_uri, rank=0, world_size=1)
+    last.load_epoch_state(saved)
+    seen += more + joinids_of(list(last))
+    assert len(seen) == len(set(seen))
+    assert len(set(last.joinids.tolist()) - set(seen)) < 0.1 * last.n_cells
+
+
 def test_bad_stream_arguments(store_uri):
     with pytest.raises(InputError, match="max_genes \\+ 1 = 13"):
         make(store_uri, batch_tokens=12)
