@@ -287,11 +287,22 @@ class CellStream(IterableDataset):
             raise InputError(f"selection of {self.n_cells} cells is too small for {self.world_size} rank(s) x {what}")
         return n
 
-    def cell_lengths(self) -> np.ndarray:
-        """Tokens of each selected cell (J order), read from X once per stream (token budget only)."""
+    def cell_lengths(self, part: slice | None = None) -> np.ndarray:
+        """Tokens of each selected cell (J order), read from X once per stream (token budget only);
+        ``part``: only those cells' counts, read now and not kept (for :meth:`set_cell_lengths`)."""
+        if part is not None:
+            return cell_token_lengths(self.store_uri, self.joinids[part], self.tokenizer.max_genes, self.gene_map)
         if self._lengths is None:
             self._lengths = cell_token_lengths(self.store_uri, self.joinids, self.tokenizer.max_genes, self.gene_map)
         return self._lengths
+
+    def set_cell_lengths(self, lengths: np.ndarray) -> None:
+        """Counts read elsewhere (each rank a part, gathered: pretrain/run.py), so that no rank reads
+        the X of every cell; one per selected cell."""
+        lengths = np.asarray(lengths, dtype=np.int32)
+        if lengths.shape != (self.n_cells,):
+            raise ValueError(f"need one token count per selected cell ({self.n_cells}), got shape {lengths.shape}")
+        self._lengths, self._token_layouts = lengths, {}
 
     def set_epoch(self, epoch: int) -> None:
         """A new permutation each epoch (same for every rank); resets the position."""

@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from data_store.gene_map import map_genes
@@ -30,13 +31,28 @@ from pretrain.task import PretrainTask
 from pretrain.tracking import Tracker
 from pretrain.validation import Validator, hold_out
 
-__all__ = ["run_pretrain", "build_streams"]
+__all__ = ["run_pretrain", "build_streams", "share_cell_lengths"]
 
 
 def build_streams(cfg: RunConfig, store: str, rank: int, world: int, **kw):
     """This rank's data shards: shard s of rank r is rank r*S+s of a world of world*S shards."""
     S = cfg.train.data_shards_per_rank
     return [stream_from_config(cfg, store, rank=rank * S + s, world_size=world * S, **kw) for s in range(S)]
+
+
+def share_cell_lengths(streams, dist) -> None:
+    """Token-budget streams need every selected cell's token count: each rank reads the X of 1/world
+    of the cells (a contiguous part: range reads) and the parts are gathered, so a rank's start-up
+    read stays 1/world of the corpus instead of all of it (data_store/token_budget.py)."""
+    s = streams[0]
+    if s.batch_tokens is None or dist.world_size == 1:
+        return
+    bounds = np.linspace(0, s.n_cells, dist.world_size + 1).astype(np.int64)
+    parts = [None] * dist.world_size
+    torch.distributed.all_gather_object(parts, s.cell_lengths(slice(bounds[dist.rank], bounds[dist.rank + 1])))
+    lengths = np.concatenate(parts)
+    for st in streams:  # every shard of this rank selects the same cells
+        st.set_cell_lengths(lengths)
 
 
 def _resume_spec(cfg: RunConfig, out: Path, resume: str | None, vocab: list[str]) -> tuple[str | None, ModelSpec]:
@@ -87,6 +103,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
     # Validation holds cells out of every training shard (the same split on every rank).
     held = hold_out(store, cfg) if cfg.validation.every else None
     streams = build_streams(cfg, args.store, dist.rank, dist.world_size, gene_map=gene_map, **(held.train if held else {}))
+    share_cell_lengths(streams, dist)
     tracker = Tracker(out, enabled=dist.is_main, tracking_uri=args.tracking_uri, run_name=f"pretrain-{out.name}")
     if dist.is_main:
         _describe(cfg, model, streams, dist, tracker, args, out, len(spec.vocab))

@@ -284,3 +284,18 @@ def test_cli_refuses_a_budget_below_the_longest_cell_in_one_line(store_uri, tmp_
     assert proc.stderr.strip().splitlines() == [
         "hiceller pretrain: error: config key train.micro_batch_tokens: must be >= data.max_genes + 1 = 1201 (the longest cell), got 100"
     ]
+
+
+def test_cell_lengths_read_in_parts_and_set_are_the_whole_read(store_uri):
+    """pretrain/run.py has each rank read a part of the counts and gathers them: the parts make the
+    whole read, and a stream given them cuts the same batches; a wrong length is refused."""
+    s = make(store_uri, rank=0, world_size=2)
+    bounds = np.linspace(0, s.n_cells, 4).astype(int)
+    parts = np.concatenate([s.cell_lengths(slice(a, b)) for a, b in zip(bounds[:-1], bounds[1:])])
+    fresh = make(store_uri, rank=0, world_size=2)
+    np.testing.assert_array_equal(parts, fresh.cell_lengths())
+    given = make(store_uri, rank=0, world_size=2)
+    given.set_cell_lengths(parts)
+    assert joinids_of(list(given)) == joinids_of(list(fresh))
+    with pytest.raises(ValueError, match="one token count per selected cell"):
+        given.set_cell_lengths(parts[:-1])
