@@ -32,10 +32,10 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-from data_store.layout import EpochStage, per_worker_skip, rank_layout
+from data_store.layout import EpochStage, per_worker_skip, rank_layout, window_perm
 from data_store.store import XReader
 
-__all__ = ["TokenBudgetLayout", "cell_token_lengths", "greedy_cuts", "remaining_cells", "token_budget_layout", "window_perm"]
+__all__ = ["TokenBudgetLayout", "cell_token_lengths", "greedy_cuts", "remaining_cells", "token_budget_layout"]
 
 _SCAN_CELLS = 8192
 """Cells per X read while counting non-zeros (one range read each where joinids are contiguous)."""
@@ -82,13 +82,6 @@ def greedy_cuts(lengths: np.ndarray, budget: int) -> np.ndarray:  # pragma: no c
         ends[n_batches] = len(lengths)
         n_batches += 1
     return ends[:n_batches]
-
-
-def window_perm(n: int, *, shuffle: bool, seed: int, epoch: int, rank: int, window: int) -> np.ndarray:
-    """The order in which a window's ``n`` cells enter batches (the stream's within-window shuffle)."""
-    if not shuffle:
-        return np.arange(n)
-    return np.random.default_rng([seed, epoch, rank, window, 7]).permutation(n)
 
 
 @dataclass(frozen=True)
