@@ -96,7 +96,8 @@ class RoundContext:
         model = CellerModel(spec.model_cfg, n_genes=len(spec.vocab), n_bins=spec.n_bins)
         f = cfg.finetune
         task = ClassifierTask(model, len(self.data.names), f.loss, self.data.counts, f.ginf_mu, f.ginf_sigma, head=f.head,
-                              wide_lr_scale=f.wide_lr_scale, wide_input=self.wide_input, wide_l1=f.wide_l1)
+                              wide_lr_scale=f.wide_lr_scale, wide_input=self.wide_input, wide_l1=f.wide_l1,
+                              wide_l1_by_class=f.wide_l1_by_class)
         if task.reads_expression and self.data.gene_scale is not None:
             task.wide.gene_scale.copy_(torch.from_numpy(self.data.gene_scale))
         if with_head:

@@ -38,7 +38,7 @@ from data_store.batching import PackedBatch
 from finetune.ginf import GInfLoss
 from pretrain.model import CellerModel, cell_index
 
-__all__ = ["HEADS", "WIDE_INPUTS", "ClassifierTask", "WideLinear", "predict_logits"]
+__all__ = ["HEADS", "WIDE_INPUTS", "ClassifierTask", "WideLinear", "l1_class_scale", "predict_logits"]
 
 HEADS = ("transformer", "linear", "joint")
 """Values of ``finetune.head``: which logits the classifier sums (module docstring)."""
@@ -67,6 +67,8 @@ class WideLinear(nn.Module):
         if reads == "expression":
             # 1 / the gene's largest training value: a saved buffer, so a bundle reads queries alike.
             self.register_buffer("gene_scale", torch.ones(n_tokens))
+        # Per-class weight of the L1 penalty (ClassifierTask sets it with wide_l1_by_class); not saved.
+        self.register_buffer("l1_class_scale", torch.ones(n_classes), persistent=False)
         self.l1: Tensor | None = None
 
     def forward(self, gene_ids: Tensor, values: Tensor, cu_seqlens: Tensor, expr: Tensor | None = None) -> Tensor:
@@ -80,8 +82,24 @@ class WideLinear(nn.Module):
         cells = cell_index(cu_seqlens, gene_ids.numel())
         out = self.bias.expand(cu_seqlens.numel() - 1, -1).clone()
         if self.training:
-            self.l1 = self.weight.abs().sum()
+            self.l1 = (self.weight.abs() * self.l1_class_scale.to(self.weight.dtype)).sum()
         return out.index_add_(0, cells, contrib)
+
+
+def l1_class_scale(class_counts: np.ndarray) -> np.ndarray:
+    """Each class's share of the L1 penalty: ``min(1, n_c * K / N)`` for K classes and N cells.
+
+    The training loss is a mean over cells, so a class of n_c cells pulls its weights with a force
+    proportional to n_c / N while a uniform L1 pushes every weight to zero alike; with Adam (which
+    normalises each weight's step) a class of 3 cells in 2,000 loses its weights to the penalty.
+    Scaling its penalty by its share (relative to an even share, at most 1) keeps the ratio of
+    penalty to data the same for every class at or under an even share; common classes keep the
+    full penalty."""
+    counts = np.asarray(class_counts, dtype=np.float64)
+    if counts.sum() <= 0:
+        return np.ones(len(counts), dtype=np.float32)
+    share = counts * len(counts) / counts.sum()
+    return np.minimum(1.0, share).astype(np.float32)
 
 
 class ClassifierTask(nn.Module):
@@ -102,6 +120,7 @@ class ClassifierTask(nn.Module):
         wide_lr_scale: float = 1.0,
         wide_input: str = "bins",
         wide_l1: float = 0.0,
+        wide_l1_by_class: bool = False,
     ):
         super().__init__()
         if head not in HEADS:
@@ -114,6 +133,8 @@ class ClassifierTask(nn.Module):
         n_tokens = model.gene_encoder.embedding.num_embeddings
         self.wide = WideLinear(n_tokens, n_classes, model.n_bins, reads=wide_input) if head != "transformer" else None
         self.wide_l1 = float(wide_l1)
+        if self.wide is not None and wide_l1_by_class:
+            self.wide.l1_class_scale.copy_(torch.from_numpy(l1_class_scale(class_counts)))
         if self.wide is not None:
             for p in self.wide.parameters():
                 p.lr_scale = wide_lr_scale  # read by pretrain/optim.py's param_groups

@@ -286,6 +286,9 @@ class FinetuneConfig:
     wide_l1: float = 0.0
     """L1 penalty on the linear part's weights (added to the loss as wide_l1 * sum |w|): the lasso of
     an L1 logistic regression; 0 turns it off."""
+    wide_l1_by_class: bool = False
+    """Scale each class's L1 penalty by its share of the training cells against an even share (at most
+    1; finetune/task.py l1_class_scale), so a class of a few cells keeps its weights."""
 
     def __post_init__(self) -> None:
         _check(self.loss in ("ce", "ginf"), "finetune.loss", f"must be ce or ginf, got {self.loss!r}")

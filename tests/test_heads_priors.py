@@ -206,6 +206,46 @@ def test_wide_part_reading_expression_is_a_regression_on_scaled_log1p_with_an_l1
         task.train_logits(b.gene_ids, b.values, b.cu_seqlens, b.max_seqlen)
 
 
+def test_l1_by_class_scales_each_class_penalty_by_its_share_and_keeps_a_rare_class():
+    """wide_l1_by_class: class c's L1 is weighted min(1, n_c * K / N); the weights are not saved. On a
+    toy set with a 3-cell class, training the linear part with a uniform L1 leaves that class's
+    weights far smaller than with the per-class penalty."""
+    from finetune.task import l1_class_scale
+
+    np.testing.assert_allclose(l1_class_scale(np.array([100, 97, 3])), [1.0, 1.0, 0.045], rtol=1e-6)
+    np.testing.assert_allclose(l1_class_scale(np.array([10, 10])), [1.0, 1.0])
+
+    counts, y = toy_cells(n_cells=200, seed=1)
+    keep = np.flatnonzero(y != 2)[:197].tolist() + np.flatnonzero(y == 2)[:3].tolist()
+    dense = counts.toarray()[keep]
+    y = y[keep]
+    c = sp.coo_matrix(dense)
+    tok = Tokenizer(n_bins=N_BINS, max_genes=1000).tokenize(c.row, c.col, c.data, len(y),
+                                                           cell_keys=np.arange(len(y), dtype=np.uint64))
+    b = pack(tok)
+    labels = torch.from_numpy(y)
+    norms = {}
+    for by_class in (False, True):
+        torch.manual_seed(0)
+        task = ClassifierTask(CellerModel(ModelConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32, dropout=0.0, attention="sdpa"),
+                                          n_genes=30, n_bins=N_BINS), 3, "ce", np.bincount(y, minlength=3), head="linear",
+                              wide_l1=3e-3, wide_l1_by_class=by_class)
+        assert "wide.l1_class_scale" not in task.state_dict()
+        opt = torch.optim.Adam([p for p in task.parameters() if p.requires_grad], lr=0.05)
+        task.train()
+        for _ in range(300):
+            loss, _ = task(b.gene_ids, b.values, b.cu_seqlens, b.max_seqlen, labels)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            task(b.gene_ids, b.values, b.cu_seqlens, b.max_seqlen, labels)
+        w = task.wide.weight.detach()
+        torch.testing.assert_close(task.wide.l1, (w.abs() * task.wide.l1_class_scale).sum(), rtol=1e-3, atol=1e-3)
+        norms[by_class] = float(w[:, 2].abs().sum())
+    assert norms[True] > 2.5 * norms[False], norms
+
+
 def test_bundle_round_trip_keeps_what_the_linear_part_reads(tmp_path):
     """A bundle says what its linear part reads; the spec and the weights must agree on it."""
     from dataclasses import replace
