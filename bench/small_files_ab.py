@@ -1,7 +1,8 @@
 """Goal 2 of issue 2/8 side by side: the small-files ingest of bench/scale.py (part A) run by two
 or more code trees in one run, interleaved, so that the machine's load hits every tree alike.
 
-Run: ``python bench/small_files_ab.py --tree before=/path/to/old/checkout --tree after=. --reps 3``.
+Run: ``python bench/small_files_ab.py --tree before=/path/to/old/checkout --tree after=. --reps 3``;
+``--tree plain=. --tree gl=. --tree-flags 'gl=--gene-list panel'`` compares ingest flags on one tree.
 Each tree runs ``python -m hiceller ingest`` with ``PYTHONPATH`` set to it, on part A's inputs (the
 same 60k cells as 20 files and as 1,000 files of 60 cells, and one 60-cell file for the start-up;
 made by ``python bench/scale.py --parts A`` under ``--out``). Prints medians of wall and CPU seconds
@@ -59,11 +60,14 @@ def per_file(trees: dict[str, str], folder: Path, n: int, reps: int) -> dict[str
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tree", action="append", required=True, help="NAME=PATH of a checkout to run (repeat)")
+    ap.add_argument("--tree-flags", action="append", default=[], metavar="NAME=FLAGS",
+                    help="extra ingest flags of one tree, e.g. 'gl=--gene-list panel' (the same path may run twice)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "scale" / "full", help="bench/scale.py's output folder")
     ap.add_argument("--per-file", type=int, metavar="N", help="time the validation of N small files per tree instead")
     args = ap.parse_args(argv)
     trees = dict(t.split("=", 1) for t in args.tree)
+    tree_flags = {name: flags.split() for name, flags in (t.split("=", 1) for t in args.tree_flags)}
     small = args.out / "small"
     for folder in SETS.values():
         if not (small / folder / "files.tsv").is_file():
@@ -81,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                 env = dict(os.environ, PYTHONPATH=str(Path(path).resolve()))
                 for name, folder in SETS.items():
                     store = work / f"{tree}_{folder}"
-                    flags = [] if name == "start-up" else ["--no-optimize"]
+                    flags = ([] if name == "start-up" else ["--no-optimize"]) + tree_flags.get(tree, [])
                     cmd = [sys.executable, "-m", "hiceller", "ingest", "--no-progress", "--store", str(store), "--manifest", str(small / folder / "files.tsv"), *flags]
                     r = run_watched(cmd, env=env)
                     if r["rc"] != 0:

@@ -35,8 +35,8 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--manifest",
         type=Path,
-        help="TSV of files to ingest: a 'path' column, and optional dataset_id, tissue, disease, label, batch "
-        "columns per file (empty cells take the flags below)",
+        help="TSV of files to ingest: a 'path' column, and optional dataset_id, tissue, disease, label, batch, "
+        "gene_list columns per file (empty cells take the flags below)",
     )
     p.add_argument("--label-column", default="cell_type", type=_none_or, help="obs label column, or 'none' (default: cell_type)")
     p.add_argument("--batch-column", default="batch", type=_none_or, help="obs column stored as donor_id (default: batch)")
@@ -44,6 +44,12 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--disease", help="disease of every cell (else obs['disease'] or 'unknown')")
     p.add_argument("--dataset-id", help="dataset id (default: the file name without .h5ad)")
     p.add_argument("--gene-column", help="var column of gene ids to use instead of upper-cased var_names")
+    p.add_argument(
+        "--gene-list",
+        metavar="NAME",
+        help="the files share one gene list (same var names in the same order): the first is read in full, the "
+        "others checked by gene count and 64 sampled names (saves ~6-9 ms a file); not with --gene-column",
+    )
     p.add_argument("--require-overlap", action="store_true", help="refuse a file sharing no gene with a non-empty store")
     p.add_argument("--skip-existing", action="store_true", help="skip files whose dataset id is already complete")
     p.add_argument("--chunk-nnz", type=int, default=None, help="non-zeros per write chunk (memory bound)")
@@ -123,6 +129,8 @@ def _ingest(args: argparse.Namespace) -> int:
         check_output_dir(Path(args.store), "--store")
     if args.manifest and args.dataset_id:
         raise InputError("--dataset-id names one file; a manifest has a dataset_id column")
+    if args.gene_list and args.gene_column:
+        raise InputError("--gene-list declares shared var names; it cannot be combined with --gene-column")
     opts = IngestOptions(
         label_column=args.label_column,
         batch_column=args.batch_column,
@@ -130,6 +138,7 @@ def _ingest(args: argparse.Namespace) -> int:
         disease=args.disease,
         dataset_id=args.dataset_id,
         gene_column=args.gene_column,
+        gene_list=args.gene_list,
         require_overlap=args.require_overlap,
         skip_existing=args.skip_existing,
         chunk_nnz=args.chunk_nnz or DEFAULT_CHUNK_NNZ,
@@ -139,7 +148,7 @@ def _ingest(args: argparse.Namespace) -> int:
     if args.manifest:
         from data_store.manifest import manifest_sources, read_manifest
 
-        sources, labels = manifest_sources(read_manifest(args.manifest), opts)
+        sources, labels = manifest_sources(read_manifest(args.manifest), opts, args.manifest)
         result = ingest_sources(args.store, sources, bars, labels, manifest=args.manifest)
     else:
         if opts.dataset_id and len(args.files) > 1:

@@ -149,6 +149,22 @@ class H5adFile:
             return None
         return ds[...]
 
+    def var_names_at(self, positions: np.ndarray) -> np.ndarray | None:
+        """var names at ``positions`` (sorted, unique) as var_names_raw stores them, reading only
+        those (one point selection); None when they are not a plain string dataset."""
+        import h5py
+
+        group = self._f["var"]
+        name = group.attrs.get("_index")
+        ds = group.get(name) if name is not None else None
+        if not isinstance(ds, h5py.Dataset) or h5py.check_string_dtype(ds.dtype) is None or ds.shape != (self.shape[1],):
+            return None
+        space = ds.id.get_space()
+        space.select_elements(np.asarray(positions, dtype=np.uint64).reshape(-1, 1))
+        out = np.empty(len(positions), dtype=ds.dtype)
+        ds.id.read(h5py.h5s.create_simple((len(positions),)), space, out)
+        return out
+
     def var_column(self, name: str) -> pd.Index | None:
         """One var column as strings, None when var has no such column."""
         group = self._f["var"]

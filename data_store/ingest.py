@@ -74,6 +74,10 @@ class IngestOptions:
     dataset_id: str | None = None
     gene_column: str | None = None
     """var column with gene ids to use instead of upper-cased var_names."""
+    gene_list: str | None = None
+    """Name of a gene list this file declares it shares with others (same var names, same order;
+    manifest column ``gene_list``): the first file of a list is read and checked in full, later
+    ones by their gene count and GENE_LIST_SAMPLE names (_gene_names). Not with gene_column."""
     require_overlap: bool = False
     skip_existing: bool = False
     chunk_nnz: int = DEFAULT_CHUNK_NNZ
@@ -202,6 +206,47 @@ class _GeneLists:
 
 _GENE_LISTS = _GeneLists()
 
+GENE_LIST_SAMPLE = 64
+"""Names compared per file of a declared gene list (the first, the last, and the rest at positions
+drawn from the dataset id, so that the files of one list check different names)."""
+
+_DECLARED: dict[str, tuple[str, np.ndarray]] = {}
+"""Declared gene list name -> (key in _GENE_LISTS, the names as stored in its first file)."""
+
+
+def _sample_positions(n: int, dataset_id: str) -> np.ndarray:
+    seed = int.from_bytes(hashlib.sha1(dataset_id.encode()).digest()[:8], "little")
+    k = min(n, GENE_LIST_SAMPLE)
+    drawn = np.random.default_rng(seed).choice(n, size=max(k - 2, 0), replace=False) if n > 2 else np.arange(0)
+    return np.unique(np.concatenate([[0, n - 1], drawn]).astype(np.int64))
+
+
+def _declared_genes(path: Path, f: H5adFile, name: str, dataset_id: str) -> str | None:
+    """The _GENE_LISTS key of a file that declares gene list ``name``, after checking its gene count
+    and a sample of its names against the list's first file; None when this process has not read
+    the list yet (or the file's names are not a plain string dataset: then it is read in full)."""
+    known = _DECLARED.get(name)
+    if known is None or _GENE_LISTS.get(known[0]) is None:
+        return None
+    key, names = known
+    n = f.shape[1]
+    if n != len(names):
+        raise _fail(path, f"declares gene list {name!r} of {len(names)} genes but has {n}")
+    pos = _sample_positions(n, dataset_id)
+    got = f.var_names_at(pos)
+    if got is None:
+        return None
+    diff = np.flatnonzero(got != names[pos])
+    if len(diff):
+        i = int(pos[diff[0]])
+        raise _fail(path, f"declares gene list {name!r} but gene {i} is {_shown(got[diff[0]])}, not {_shown(names[i])} "
+                          "as in the list's first file (give this file another gene_list, or none)")
+    return key
+
+
+def _shown(v) -> str:
+    return repr(v.decode(errors="replace") if isinstance(v, bytes) else str(v))
+
 
 def _gene_key(raw: np.ndarray, gene_column: str | None) -> str:
     h = hashlib.sha1(f"{gene_column or ''}|{len(raw)}|".encode())
@@ -215,14 +260,24 @@ def _gene_key(raw: np.ndarray, gene_column: str | None) -> str:
     return h.hexdigest()
 
 
-def _gene_names(path: Path, f: H5adFile, gene_column: str | None) -> tuple[list[str], list[str], str]:
+def _gene_names(path: Path, f: H5adFile, gene_column: str | None, gene_list: str | None = None,
+                dataset_id: str = "") -> tuple[list[str], list[str], str]:
     """Store gene names for the file's columns, notes, and the key of the list (_GENE_LISTS).
 
-    Exact duplicates are an error (which of the two is meant?). Symbols that differ only in case
+    A file that declares ``gene_list`` is checked against the list's first file by its gene count
+    and a sample of names (_declared_genes): reading 20k variable-length names costs ~6-9 ms a file,
+    the largest fixed cost of a small file. Exact duplicates are an error (which of the two is meant?). Symbols that differ only in case
     (``C2orf15`` and ``C2ORF15`` in one real PBMC file) name one gene once upper-cased: their
     columns are summed into it, and the note says so.
     """
+    if gene_list and not gene_column:
+        key = _declared_genes(path, f, gene_list, dataset_id)
+        if key is not None:
+            hit = _GENE_LISTS.get(key)
+            return hit[0], list(hit[1]), key
     raw_bytes = None if gene_column else f.var_names_raw()
+    if gene_list and raw_bytes is not None:
+        _DECLARED[gene_list] = (_gene_key(raw_bytes, None), raw_bytes)
     if raw_bytes is not None:
         key = _gene_key(raw_bytes, None)
         hit = _GENE_LISTS.get(key)
@@ -292,7 +347,7 @@ def check_h5ad(path: Path, opts: IngestOptions, progress: Progress | None = None
         if g == 0:
             raise _fail(path, "has zero genes")
         obs = _read_obs(path, f, opts)
-        _genes, notes, genes_key = _gene_names(path, f, opts.gene_column)
+        _genes, notes, genes_key = _gene_names(path, f, opts.gene_column, opts.gene_list, opts.dataset_id or path.stem)
         integer, fixed = _check_x(path, f, opts.chunk_nnz, obs.index, progress)
         nnz = f.nnz
     if fixed:
@@ -391,7 +446,7 @@ def _open_source(check: SourceCheck) -> _Source:
     f = open_h5ad(check.path)
     try:
         hit = _GENE_LISTS.get(check.genes_key)
-        genes = hit[0] if hit is not None else _gene_names(check.path, f, check.opts.gene_column)[0]
+        genes = hit[0] if hit is not None else _gene_names(check.path, f, check.opts.gene_column)[0]  # in full
         if check.obs_tables is not None:
             meta, extra = check.obs_tables
         else:
@@ -619,6 +674,7 @@ def _check_all(
 ) -> list[tuple[SourceCheck, str]]:
     """Validate every source: (check, label) each, or every problem at once, each prefixed by its
     label (a manifest's ``"row 7: "``)."""
+    _DECLARED.clear()  # a gene list name means one list within one ingest, not across calls
     many = len(sources) > 1
     bar = progress_factory(f"check {len(sources)} files", len(sources)) if progress_factory and many else None
     workers = _validation_workers(len(sources))

@@ -2,14 +2,17 @@
 
 Celler-75's metadata comes per study, so a manifest gives it per file::
 
-    path                     dataset_id   tissue     disease   label        batch
-    studies/lung_a.h5ad      lung-a       lung       normal    cell_type    donor
-    studies/liver_b.h5ad                  liver      fibrosis  celltype     sample
+    path                     dataset_id   tissue     disease   label        batch    gene_list
+    studies/lung_a.h5ad      lung-a       lung       normal    cell_type    donor    10x-v3
+    studies/liver_b.h5ad                  liver      fibrosis  celltype     sample   10x-v3
     unlabeled/c.h5ad                      blood                none
 
 ``path`` is required (relative paths are relative to the manifest's folder); every other column is
 optional, and an empty cell takes the command line's value (``--tissue``, ``--label-column``, ...).
 ``label`` and ``batch`` name obs columns of that file (``none``: the file has no labels / no batch).
+``gene_list`` names a gene list that files share (same var names, same order): the first file of a
+list is read in full, the others are checked by their gene count and a sample of names, which spares
+each small file the reading of its whole gene list (data_store/ingest.py ``IngestOptions.gene_list``).
 Lines that start with ``#`` and empty lines are skipped. Every row is checked before any file is
 opened, and every bad row is named in one error.
 """
@@ -25,7 +28,7 @@ from hiceller.errors import InputError
 
 __all__ = ["COLUMNS", "ManifestRow", "read_manifest", "manifest_sources"]
 
-COLUMNS = ("path", "dataset_id", "tissue", "disease", "label", "batch")
+COLUMNS = ("path", "dataset_id", "tissue", "disease", "label", "batch", "gene_list")
 
 
 @dataclass(frozen=True)
@@ -100,9 +103,14 @@ def _none_or(value: str) -> str | None:
     return None if value.lower() == "none" else value
 
 
-def manifest_sources(rows: list[ManifestRow], defaults: IngestOptions) -> tuple[list[tuple[Path, IngestOptions]], list[str]]:
+def manifest_sources(rows: list[ManifestRow], defaults: IngestOptions, manifest: Path) -> tuple[list[tuple[Path, IngestOptions]], list[str]]:
     """(file, options) per row, the row's cells over the command line's defaults, and the label
     that prefixes each row's errors."""
+    if defaults.gene_column:
+        bad = [str(r.line) for r in rows if "gene_list" in r.values]
+        if bad:
+            raise InputError(f"{manifest}: row{'s' if len(bad) > 1 else ''} {', '.join(bad)}: a gene_list declares shared var names; "
+                             "it cannot be combined with --gene-column")
     sources = []
     for r in rows:
         v = r.values
@@ -113,6 +121,7 @@ def manifest_sources(rows: list[ManifestRow], defaults: IngestOptions) -> tuple[
             disease=v.get("disease", defaults.disease),
             label_column=_none_or(v["label"]) if "label" in v else defaults.label_column,
             batch_column=_none_or(v["batch"]) if "batch" in v else defaults.batch_column,
+            gene_list=v.get("gene_list", defaults.gene_list),
         )
         sources.append((r.path, opts))
     return sources, [f"row {r.line}: " for r in rows]

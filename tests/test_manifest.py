@@ -170,5 +170,79 @@ def _sources(manifest: Path):
     from data_store.ingest import IngestOptions
     from data_store.manifest import manifest_sources, read_manifest
 
-    sources, labels = manifest_sources(read_manifest(manifest), IngestOptions())
+    sources, labels = manifest_sources(read_manifest(manifest), IngestOptions(), manifest)
     return sources, None, labels, manifest
+
+
+# ----------------------------------------------------------------------------- declared gene lists
+
+
+def _panel_files(tmp: Path, n_files: int, n_genes: int = 300) -> list[Path]:
+    d = tmp / "panel"
+    d.mkdir()
+    return [make_h5ad(d / f"f{i:02d}.h5ad", 6, gene_names(n_genes), count_value, seed=i) and d / f"f{i:02d}.h5ad" for i in range(n_files)]
+
+
+@pytest.mark.parametrize("n_files", [5, 40], ids=["in-process", "validation-workers"])
+def test_gene_list_reads_one_files_names_and_stores_the_same(tmp_path: Path, in_process, monkeypatch, n_files: int) -> None:
+    """Files that declare one gene_list: the first file's names are read in full, the others only
+    sampled; the store holds exactly what an ingest without the declaration writes."""
+    from _fixtures import store_matrix
+    from data_store.h5ad_reader import H5adFile
+
+    files = _panel_files(tmp_path, n_files)
+    plain = _write(tmp_path / "plain.tsv", [["path"]] + [[str(f)] for f in files])
+    declared = _write(tmp_path / "declared.tsv", [["path", "gene_list"]] + [[str(f), "panel"] for f in files])
+    full_reads = []
+    original = H5adFile.var_names_raw
+    monkeypatch.setattr(H5adFile, "var_names_raw", lambda self: full_reads.append(self.path) or original(self))
+    for name, manifest in (("plain", plain), ("declared", declared)):
+        full_reads.clear()
+        rc, _out, err = in_process("ingest", "--no-progress", "--store", tmp_path / name, "--manifest", manifest)
+        assert rc == 0, err
+        if n_files == 5:  # validated in this process (workers are forked and not counted)
+            assert len(full_reads) == (n_files if name == "plain" else 1), full_reads
+    a, b = store_matrix(tmp_path / "plain"), store_matrix(tmp_path / "declared")
+    assert list(a.vocab) == list(b.vocab) == gene_names(300)
+    assert (a.X != b.X).nnz == 0 and a.X.nnz > 0
+    pd_a, pd_b = CorpusStore.open(tmp_path / "plain").obs(), CorpusStore.open(tmp_path / "declared").obs()
+    assert pd_a.drop(columns="soma_joinid").equals(pd_b.drop(columns="soma_joinid"))
+
+
+def test_a_file_unlike_its_declared_gene_list_is_refused(tmp_path: Path, in_process) -> None:
+    """Gene count and sampled names (the first, the last, positions drawn from the dataset id) are
+    checked against the list's first file; every such row is named and nothing is written."""
+    from data_store.ingest import _sample_positions
+
+    d = tmp_path / "panel"
+    d.mkdir()
+    genes = gene_names(300)
+    make_h5ad(d / "first.h5ad", 6, genes, count_value)
+    make_h5ad(d / "longer.h5ad", 6, genes + ["EXTRA"], count_value)
+    swapped = [genes[1], genes[0], *genes[2:]]  # position 0 is always compared
+    make_h5ad(d / "swapped.h5ad", 6, swapped, count_value)
+    renamed = list(genes)
+    pos = int(_sample_positions(300, "renamed")[10])
+    renamed[pos] = "NOT_IN_THE_LIST"
+    make_h5ad(d / "renamed.h5ad", 6, renamed, count_value)
+    make_h5ad(d / "other_list.h5ad", 6, gene_names(50), count_value)
+    manifest = _write(
+        tmp_path / "files.tsv",
+        [["path", "gene_list"], ["panel/first.h5ad", "p"], ["panel/longer.h5ad", "p"], ["panel/swapped.h5ad", "p"],
+         ["panel/renamed.h5ad", "p"], ["panel/other_list.h5ad", "q"]],
+    )
+    line = _refused(tmp_path, in_process, manifest)
+    assert "3 bad rows" in line, line
+    assert "row 3: " in line and "declares gene list 'p' of 300 genes but has 301" in line
+    assert "row 4: " in line and f"gene 0 is {genes[1]!r}, not {genes[0]!r}" in line
+    assert "row 5: " in line and f"gene {pos} is 'NOT_IN_THE_LIST', not {genes[pos]!r}" in line
+    assert "row 2" not in line and "row 6" not in line
+
+
+def test_gene_list_not_with_gene_column(tmp_path: Path, in_process) -> None:
+    files = _panel_files(tmp_path, 1)
+    manifest = _write(tmp_path / "files.tsv", [["path", "gene_list"], [str(files[0]), "p"]])
+    assert "cannot be combined with --gene-column" in _refused(tmp_path, in_process, manifest, "--gene-column", "ids")
+    rc, _out, err = in_process("ingest", "--no-progress", "--store", tmp_path / "s", "--gene-list", "p", "--gene-column", "ids", files[0])
+    assert rc == 2 and "cannot be combined with --gene-column" in err and len(err.splitlines()) == 1
+    assert tree_snapshot(tmp_path / "s") is None
