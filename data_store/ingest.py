@@ -28,7 +28,7 @@ import pandas as pd
 import pyarrow as pa
 import scipy.sparse as sp
 
-from data_store.h5ad_reader import H5adFile, open_h5ad
+from data_store.h5ad_reader import H5adFile, ObsColumns, open_h5ad
 from data_store.store import OBS_COLUMNS, UNKNOWN, CorpusStore, DatasetRecord, extra_obs_table, obs_table, schema_key
 from hiceller.errors import HicellerError, InputError
 
@@ -249,7 +249,10 @@ def _shown(v) -> str:
 
 
 def _gene_key(raw: np.ndarray, gene_column: str | None) -> str:
-    h = hashlib.sha1(f"{gene_column or ''}|{len(raw)}|".encode())
+    h = hashlib.sha1(f"{gene_column or ''}|{len(raw)}|{raw.dtype.str}|".encode())
+    if raw.dtype.kind == "S":  # fixed-width names (H5adFile.var_names_raw): hashed as one buffer
+        h.update(raw.tobytes())
+        return h.hexdigest()
     values = raw.tolist()
     if not all(isinstance(v, bytes) for v in values[:1]) or not values:
         values = [str(v).encode() for v in values]
@@ -310,23 +313,25 @@ def _checked_genes(path: Path, raw: pd.Index, upper: bool) -> tuple[list[str], l
     return list(genes), notes
 
 
-def _read_obs(path: Path, f: H5adFile, opts: IngestOptions) -> pd.DataFrame:
-    obs = f.obs()
-    if len(obs) != f.n_obs:
-        raise _fail(path, f"obs has {len(obs)} rows but X has {f.n_obs}")
+def _read_obs(path: Path, f: H5adFile, opts: IngestOptions) -> ObsColumns:
+    obs = f.obs_columns()
+    lengths = {len(obs.index), *(len(v) for v in obs.columns.values())}
+    if lengths != {f.n_obs}:
+        raise _fail(path, f"obs has {max(lengths - {f.n_obs})} rows but X has {f.n_obs}")
     if opts.label_column and opts.label_column not in obs.columns:
         raise _fail(
             path,
             f"obs has no label column {opts.label_column!r} (columns: {', '.join(map(str, obs.columns)) or 'none'}; "
             "use --label-column none for unlabeled data)",
         )
-    if obs.index.duplicated().any():
-        dup = obs.index[obs.index.duplicated()].unique()
+    index = pd.Index(obs.index)
+    if index.has_duplicates:
+        dup = index[index.duplicated()].unique()
         raise _fail(path, f"duplicate cell ids in obs ({len(dup)}, e.g. {dup[0]!r})")
     return obs
 
 
-def _check_x(path: Path, f: H5adFile, chunk_nnz: int, names: pd.Index, progress: Progress | None) -> tuple[bool, bool]:
+def _check_x(path: Path, f: H5adFile, chunk_nnz: int, names: np.ndarray, progress: Progress | None) -> tuple[bool, bool]:
     """One pass over X: (all values integer, some rows needed sorting or de-duplicating)."""
     integer, fixed = True, False
     for row0, m in f.iter_csr_chunks(chunk_nnz):
@@ -375,11 +380,22 @@ def check_h5ad(path: Path, opts: IngestOptions, progress: Progress | None = None
     )
 
 
-def _extra_columns(obs: pd.DataFrame, opts: IngestOptions) -> pd.DataFrame:
+def _extra_columns(obs: ObsColumns, opts: IngestOptions) -> pd.DataFrame:
+    """The other obs columns, as the store keeps them: categoricals of strings become strings here
+    (extra_obs_table would make them strings anyway, at 10x the cost for a small file)."""
     known = set(OBS_COLUMNS) | {c for c in (opts.label_column, opts.batch_column) if c}
-    extra = obs[[c for c in obs.columns if c not in known]].copy()
-    extra.columns = [str(c) for c in extra.columns]
-    return extra.reset_index(drop=True)
+    cols = {str(c): _storable(v) for c, v in obs.columns.items() if c not in known}
+    return pd.DataFrame(cols, index=pd.RangeIndex(len(obs.index)), copy=False)
+
+
+def _storable(col):
+    if isinstance(col, pd.Categorical) and col.categories.dtype == object:
+        values = np.asarray(col.categories, dtype=object)
+        if all(isinstance(v, str) for v in values):
+            out = values[col.codes]
+            out[col.codes < 0] = None
+            return out
+    return col
 
 
 ObsMeta = dict[str, np.ndarray]
@@ -396,26 +412,27 @@ def _as_str(col) -> np.ndarray:
     return pd.Series(col).astype(str).to_numpy(dtype=object)
 
 
-def _obs_table(path: Path, obs: pd.DataFrame, opts: IngestOptions, dataset_id: str) -> ObsMeta:
+def _obs_table(path: Path, obs: ObsColumns, opts: IngestOptions, dataset_id: str) -> ObsMeta:
     """The CELLxGENE-style columns: labels, donor from the batch column, tissue/disease from flags or obs."""
-    n = len(obs)
+    n = len(obs.index)
+    columns = obs.columns
 
     def const(v: str) -> np.ndarray:
         return np.full(n, v, dtype=object)
 
-    out: ObsMeta = {"obs_id": obs.index.astype(str).to_numpy(dtype=object)}
+    out: ObsMeta = {"obs_id": obs.index}
     if opts.label_column:
-        labels = obs[opts.label_column]
-        missing = int(labels.isna().sum())
+        labels = columns[opts.label_column]
+        missing = int(pd.isna(labels).sum())
         if missing:
             raise _fail(path, f"label column {opts.label_column!r} has {missing} missing values")
         out["cell_type"] = _as_str(labels)
     else:
         out["cell_type"] = const(UNKNOWN)
     for col, flag in (("tissue", opts.tissue), ("disease", opts.disease)):
-        out[col] = const(flag) if flag else _as_str(obs[col]) if col in obs.columns else const(UNKNOWN)
+        out[col] = const(flag) if flag else _as_str(columns[col]) if col in columns else const(UNKNOWN)
     batch = opts.batch_column
-    out["donor_id"] = _as_str(obs[batch]) if batch and batch in obs.columns else const(UNKNOWN)
+    out["donor_id"] = _as_str(columns[batch]) if batch and batch in columns else const(UNKNOWN)
     out["dataset_id"] = const(dataset_id)
     return {c: out[c] for c in OBS_COLUMNS}
 
