@@ -186,10 +186,14 @@ class H5adFile:
                 return _decoded(self._read(path))
             if elem.dtype.kind in "biuf":
                 return self._read(path)
-        elif elem.attrs.get("encoding-type") == "categorical":
-            codes = self._read(f"{path}/codes")
-            dtype = pd.CategoricalDtype(self._column(f"{path}/categories"), ordered=bool(elem.attrs.get("ordered", False)))
-            return pd.Categorical.from_codes(codes, dtype=dtype, validate=False)
+        elif isinstance(elem, h5py.Group) and elem.attrs.get("encoding-type") == "categorical":
+            categories = self._read(f"{path}/categories")
+            if categories.ndim != 1:
+                return _read_column(elem)
+            if categories.dtype.kind in "OS":
+                categories = _decoded(categories)
+            dtype = pd.CategoricalDtype(categories, ordered=bool(elem.attrs.get("ordered", False)))
+            return pd.Categorical.from_codes(self._read(f"{path}/codes"), dtype=dtype, validate=False)
         return _read_column(elem)
 
     def var_names(self) -> pd.Index:

@@ -539,8 +539,9 @@ def _new_records(sources: list[_Source], vocab_ids: list[np.ndarray], n_before: 
     for s, ids in zip(sources, vocab_ids):
         c = s.check
         fresh = ids[ids >= n_before] if c.genes_key not in lists_seen else ids[:0]  # a list seen adds nothing
-        new = np.setdiff1d(fresh, seen)
-        seen = np.union1d(seen, new)
+        new = np.setdiff1d(fresh, seen) if len(fresh) else fresh  # set operations cost ~10 ms on 20k genes
+        if len(new):
+            seen = np.union1d(seen, new)
         lists_seen.add(c.genes_key)
         extra_name = (shared.get(c.extra_schema) or groups.setdefault(c.extra_schema, c.dataset_id)) if c.extra_schema else ""
         records.append(
