@@ -97,7 +97,7 @@ class RoundContext:
         f = cfg.finetune
         task = ClassifierTask(model, len(self.data.names), f.loss, self.data.counts, f.ginf_mu, f.ginf_sigma, head=f.head,
                               wide_lr_scale=f.wide_lr_scale, wide_input=self.wide_input, wide_l1=f.wide_l1,
-                              wide_l1_by_class=f.wide_l1_by_class)
+                              wide_l1_class_power=f.wide_l1_class_power)
         if task.reads_expression and self.data.gene_scale is not None:
             task.wide.gene_scale.copy_(torch.from_numpy(self.data.gene_scale))
         if with_head:

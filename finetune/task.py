@@ -67,7 +67,7 @@ class WideLinear(nn.Module):
         if reads == "expression":
             # 1 / the gene's largest training value: a saved buffer, so a bundle reads queries alike.
             self.register_buffer("gene_scale", torch.ones(n_tokens))
-        # Per-class weight of the L1 penalty (ClassifierTask sets it with wide_l1_by_class); not saved.
+        # Per-class weight of the L1 penalty (ClassifierTask sets it with wide_l1_class_power); not saved.
         self.register_buffer("l1_class_scale", torch.ones(n_classes), persistent=False)
         self.l1: Tensor | None = None
 
@@ -86,20 +86,20 @@ class WideLinear(nn.Module):
         return out.index_add_(0, cells, contrib)
 
 
-def l1_class_scale(class_counts: np.ndarray) -> np.ndarray:
-    """Each class's share of the L1 penalty: ``min(1, n_c * K / N)`` for K classes and N cells.
+def l1_class_scale(class_counts: np.ndarray, power: float = 1.0) -> np.ndarray:
+    """Each class's share of the L1 penalty: ``min(1, (n_c * K / N) ** power)`` for K classes and N cells.
 
     The training loss is a mean over cells, so a class of n_c cells pulls its weights with a force
     proportional to n_c / N while a uniform L1 pushes every weight to zero alike; with Adam (which
     normalises each weight's step) a class of 3 cells in 2,000 loses its weights to the penalty.
     Scaling its penalty by its share (relative to an even share, at most 1) keeps the ratio of
     penalty to data the same for every class at or under an even share; common classes keep the
-    full penalty."""
+    full penalty; ``power`` < 1 softens it (0.5: the square root of the share)."""
     counts = np.asarray(class_counts, dtype=np.float64)
     if counts.sum() <= 0:
         return np.ones(len(counts), dtype=np.float32)
     share = counts * len(counts) / counts.sum()
-    return np.minimum(1.0, share).astype(np.float32)
+    return np.minimum(1.0, share**power).astype(np.float32)
 
 
 class ClassifierTask(nn.Module):
@@ -120,7 +120,7 @@ class ClassifierTask(nn.Module):
         wide_lr_scale: float = 1.0,
         wide_input: str = "bins",
         wide_l1: float = 0.0,
-        wide_l1_by_class: bool = False,
+        wide_l1_class_power: float = 0.0,
     ):
         super().__init__()
         if head not in HEADS:
@@ -133,8 +133,8 @@ class ClassifierTask(nn.Module):
         n_tokens = model.gene_encoder.embedding.num_embeddings
         self.wide = WideLinear(n_tokens, n_classes, model.n_bins, reads=wide_input) if head != "transformer" else None
         self.wide_l1 = float(wide_l1)
-        if self.wide is not None and wide_l1_by_class:
-            self.wide.l1_class_scale.copy_(torch.from_numpy(l1_class_scale(class_counts)))
+        if self.wide is not None and wide_l1_class_power > 0:
+            self.wide.l1_class_scale.copy_(torch.from_numpy(l1_class_scale(class_counts, wide_l1_class_power)))
         if self.wide is not None:
             for p in self.wide.parameters():
                 p.lr_scale = wide_lr_scale  # read by pretrain/optim.py's param_groups

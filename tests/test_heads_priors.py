@@ -206,14 +206,15 @@ def test_wide_part_reading_expression_is_a_regression_on_scaled_log1p_with_an_l1
         task.train_logits(b.gene_ids, b.values, b.cu_seqlens, b.max_seqlen)
 
 
-def test_l1_by_class_scales_each_class_penalty_by_its_share_and_keeps_a_rare_class():
-    """wide_l1_by_class: class c's L1 is weighted min(1, n_c * K / N); the weights are not saved. On a
+def test_l1_class_power_scales_each_class_penalty_by_its_share_and_keeps_a_rare_class():
+    """wide_l1_class_power: class c's L1 is weighted min(1, (n_c * K / N) ** p); not saved. On a
     toy set with a 3-cell class, training the linear part with a uniform L1 leaves that class's
     weights far smaller than with the per-class penalty."""
     from finetune.task import l1_class_scale
 
     np.testing.assert_allclose(l1_class_scale(np.array([100, 97, 3])), [1.0, 1.0, 0.045], rtol=1e-6)
     np.testing.assert_allclose(l1_class_scale(np.array([10, 10])), [1.0, 1.0])
+    np.testing.assert_allclose(l1_class_scale(np.array([100, 97, 3]), 0.5), [1.0, 1.0, 0.045**0.5], rtol=1e-6)
 
     counts, y = toy_cells(n_cells=200, seed=1)
     keep = np.flatnonzero(y != 2)[:197].tolist() + np.flatnonzero(y == 2)[:3].tolist()
@@ -229,7 +230,7 @@ def test_l1_by_class_scales_each_class_penalty_by_its_share_and_keeps_a_rare_cla
         torch.manual_seed(0)
         task = ClassifierTask(CellerModel(ModelConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32, dropout=0.0, attention="sdpa"),
                                           n_genes=30, n_bins=N_BINS), 3, "ce", np.bincount(y, minlength=3), head="linear",
-                              wide_l1=3e-3, wide_l1_by_class=by_class)
+                              wide_l1=3e-3, wide_l1_class_power=1.0 if by_class else 0.0)
         assert "wide.l1_class_scale" not in task.state_dict()
         opt = torch.optim.Adam([p for p in task.parameters() if p.requires_grad], lr=0.05)
         task.train()
