@@ -290,7 +290,8 @@ class FinetuneConfig:
     """Weight each class's L1 penalty by (its share of the training cells / an even share) ** power, at
     most 1 (finetune/task.py l1_class_scale): 0 = the same penalty for every class, 1 = in proportion,
     so a class of a few cells keeps its weights. Measured with expression + L1 1e-4 (bench/RESULTS.md,
-    issue 1/8): at 1 Baron h4 keeps its 3-cell class on 2 of 3 seeds, but Symphony -> 3pv1 falls."""
+    issue 1/8): at 1 Baron h4 keeps its 3-cell class on 2 of 3 seeds, but Symphony -> 3pv1 falls
+    (.664 vs .755); at 0.5 neither gains. Every such difference was one to three query cells."""
 
     def __post_init__(self) -> None:
         _check(self.loss in ("ce", "ginf"), "finetune.loss", f"must be ce or ginf, got {self.loss!r}")
