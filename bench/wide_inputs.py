@@ -40,8 +40,9 @@ from finetune.genes import dispersion_scores  # noqa: E402
 RUNS = Path("bench/out/aq/runs")
 
 
-def train_lr(xa, y, xb, epochs=8, lr=1e-2, bs=16, seed=0, wd=0.01, split=0.9, ginf=0.1, warm=1000, l1=0.0):
-    """Predicted labels of the query ``xb`` by a softmax regression trained as described above."""
+def train_lr(xa, y, xb, epochs=8, lr=1e-2, bs=16, seed=0, wd=0.01, split=0.9, ginf=0.1, warm=1000, l1=0.0, ovr=False):
+    """Predicted labels of the query ``xb`` by a softmax regression trained as described above
+    (``ovr``: one sigmoid per class against the rest instead of the softmax, as liblinear's L1-LR)."""
     torch.manual_seed(seed)
     classes, yi = np.unique(y, return_inverse=True)
     rng = np.random.default_rng(seed)
@@ -64,7 +65,12 @@ def train_lr(xa, y, xb, epochs=8, lr=1e-2, bs=16, seed=0, wd=0.01, split=0.9, gi
             idx = perm[i : i + bs]
             z = torch.from_numpy(xa[idx].toarray()) @ W + b
             z = z + delta * torch.randn_like(z) * ginf
-            loss = torch.nn.functional.cross_entropy(z, yt[idx]) + l1 * W.abs().sum()
+            if ovr:
+                target = torch.nn.functional.one_hot(yt[idx], len(classes)).float()
+                data = torch.nn.functional.binary_cross_entropy_with_logits(z, target, reduction="sum") / len(idx)
+            else:
+                data = torch.nn.functional.cross_entropy(z, yt[idx])
+            loss = data + l1 * W.abs().sum()
             opt.zero_grad()
             loss.backward()
             opt.step()
