@@ -269,7 +269,9 @@ def _gene_names(path: Path, f: H5adFile, gene_column: str | None, gene_list: str
 
     A file that declares ``gene_list`` is checked against the list's first file by its gene count
     and a sample of names (_declared_genes): reading 20k variable-length names costs ~6-9 ms a file,
-    the largest fixed cost of a small file. Exact duplicates are an error (which of the two is meant?). Symbols that differ only in case
+    the largest fixed cost of a small file.
+
+    Exact duplicates are an error (which of the two is meant?). Symbols that differ only in case
     (``C2orf15`` and ``C2ORF15`` in one real PBMC file) name one gene once upper-cased: their
     columns are summed into it, and the note says so.
     """
@@ -279,10 +281,10 @@ def _gene_names(path: Path, f: H5adFile, gene_column: str | None, gene_list: str
             hit = _GENE_LISTS.get(key)
             return hit[0], list(hit[1]), key
     raw_bytes = None if gene_column else f.var_names_raw()
-    if gene_list and raw_bytes is not None:
-        _DECLARED[gene_list] = (_gene_key(raw_bytes, None), raw_bytes)
     if raw_bytes is not None:
         key = _gene_key(raw_bytes, None)
+        if gene_list:
+            _DECLARED[gene_list] = (key, raw_bytes)  # used once the list is validated (_GENE_LISTS has it)
         hit = _GENE_LISTS.get(key)
         if hit is not None:
             return hit[0], list(hit[1]), key
