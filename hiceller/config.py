@@ -280,9 +280,9 @@ class FinetuneConfig:
     wide_input: str = "bins"
     """What the linear part reads: bins (the encoder's value bins) or expression (log1p counts per 10k,
     scaled per gene by its largest training value: the logistic regression's input; finetune/task.py).
-    With wide_l1=1e-4, expression lifted the PBMC tasks (pbmc3k macro-F1 .936 vs .886, Symphony -> 5p
-    .828 vs .803, -> 3pv1 .755 vs .729) but lost Baron's 3-cell T-cell class (.81 vs .874 over 3 seeds),
-    so bins stay the default (bench/RESULTS.md, issue 1/8)."""
+    With wide_l1=1e-4, expression against bins (macro-F1, 3 seeds): pbmc3k .915 vs .886, Symphony -> 5p
+    .818 vs .803, -> 3pv1 .719 vs .729, and Baron's 3-cell T-cell class lost on 2 of 3 seeds, so bins
+    stay the default (bench/RESULTS.md, issue 1/8)."""
     wide_l1: float = 0.0
     """L1 penalty on the linear part's weights (added to the loss as wide_l1 * sum |w|): the lasso of
     an L1 logistic regression; 0 turns it off."""
