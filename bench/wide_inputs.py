@@ -80,15 +80,22 @@ def train_lr(xa, y, xb, epochs=8, lr=1e-2, bs=16, seed=0, wd=0.01, split=0.9, gi
     return classes[z.argmax(1).numpy()]
 
 
+def load_task(task: str):
+    """(train, test, reference labels, log1p of shared genes for reference and query, the shared genes,
+    their dispersion on the reference) of one task of quality_tasks.py."""
+    train, test = ad.read_h5ad(RUNS / f"{task}_train.h5ad"), ad.read_h5ad(RUNS / f"{task}_test.h5ad")
+    y = train.obs.cell_type.astype(str).to_numpy()
+    la, lb, genes = qt.shared_features(train, test)
+    cp = la.copy()
+    cp.data = np.expm1(cp.data)
+    disp = np.nan_to_num(dispersion_scores(np.asarray(cp.sum(0)).ravel(), np.asarray(cp.multiply(cp).sum(0)).ravel(),
+                                           cp.shape[0]), nan=-np.inf)
+    return train, test, y, la, lb, genes, disp
+
+
 def main() -> None:
     for task in sys.argv[1:]:
-        train, test = ad.read_h5ad(RUNS / f"{task}_train.h5ad"), ad.read_h5ad(RUNS / f"{task}_test.h5ad")
-        y = train.obs.cell_type.astype(str).to_numpy()
-        la, lb, genes = qt.shared_features(train, test)
-        cp = la.copy()
-        cp.data = np.expm1(cp.data)
-        disp = np.nan_to_num(dispersion_scores(np.asarray(cp.sum(0)).ravel(), np.asarray(cp.multiply(cp).sum(0)).ravel(),
-                                               cp.shape[0]), nan=-np.inf)
+        train, test, y, la, lb, genes, disp = load_task(task)
         ga = {g.upper(): i for i, g in enumerate(train.var_names)}
         gb = {g.upper(): i for i, g in enumerate(test.var_names)}
         ra = sp.csr_matrix(train.X, dtype=np.float64)[:, [ga[g] for g in genes]]

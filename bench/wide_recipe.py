@@ -17,15 +17,12 @@ import sys
 import time
 from pathlib import Path
 
-import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality_tasks as qt  # noqa: E402
-from wide_inputs import RUNS, train_lr  # noqa: E402
-
-from finetune.genes import dispersion_scores  # noqa: E402
+from wide_inputs import load_task, train_lr  # noqa: E402
 
 VARIANTS = {
     "pipeline (l1 1e-4)": {"l1": 1e-4},
@@ -40,13 +37,7 @@ VARIANTS = {
 
 def main() -> None:
     for task in sys.argv[1:]:
-        train, test = ad.read_h5ad(RUNS / f"{task}_train.h5ad"), ad.read_h5ad(RUNS / f"{task}_test.h5ad")
-        y = train.obs.cell_type.astype(str).to_numpy()
-        la, lb, genes = qt.shared_features(train, test)
-        cp = la.copy()
-        cp.data = np.expm1(cp.data)
-        disp = np.nan_to_num(dispersion_scores(np.asarray(cp.sum(0)).ravel(), np.asarray(cp.multiply(cp).sum(0)).ravel(),
-                                               cp.shape[0]), nan=-np.inf)
+        _train, test, y, la, lb, _genes, disp = load_task(task)
         idx = np.sort(np.argsort(-disp, kind="stable")[:2000])
         sa, sb = la[:, idx], lb[:, idx]
         scale = np.asarray(abs(sa).max(0).todense()).ravel()
