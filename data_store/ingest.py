@@ -211,7 +211,8 @@ GENE_LIST_SAMPLE = 64
 drawn from the dataset id, so that the files of one list check different names)."""
 
 _DECLARED: dict[str, tuple[str, np.ndarray]] = {}
-"""Declared gene list name -> (key in _GENE_LISTS, the names as stored in its first file)."""
+"""Declared gene list name -> (key in _GENE_LISTS, the names as stored in its first file); as many
+lists as _GENE_LISTS keeps (a list it dropped is read in full again)."""
 
 
 def _sample_positions(n: int, dataset_id: str) -> np.ndarray:
@@ -284,7 +285,10 @@ def _gene_names(path: Path, f: H5adFile, gene_column: str | None, gene_list: str
     if raw_bytes is not None:
         key = _gene_key(raw_bytes, None)
         if gene_list:
+            _DECLARED.pop(gene_list, None)
             _DECLARED[gene_list] = (key, raw_bytes)  # used once the list is validated (_GENE_LISTS has it)
+            while len(_DECLARED) > _GENE_LISTS.size:
+                _DECLARED.pop(next(iter(_DECLARED)))
         hit = _GENE_LISTS.get(key)
         if hit is not None:
             return hit[0], list(hit[1]), key

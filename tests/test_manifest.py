@@ -246,3 +246,17 @@ def test_gene_list_not_with_gene_column(tmp_path: Path, in_process) -> None:
     rc, _out, err = in_process("ingest", "--no-progress", "--store", tmp_path / "s", "--gene-list", "p", "--gene-column", "ids", files[0])
     assert rc == 2 and "cannot be combined with --gene-column" in err and len(err.splitlines()) == 1
     assert tree_snapshot(tmp_path / "s") is None
+
+
+def test_declared_gene_lists_held_are_bounded(tmp_path: Path) -> None:
+    """A process keeps the names of at most as many declared lists as it keeps validated gene lists."""
+    import data_store.ingest as ing
+
+    ing._DECLARED.clear()
+    n = ing._GENE_LISTS.size + 4
+    for i in range(n):
+        make_h5ad(tmp_path / f"f{i}.h5ad", 3, gene_names(5, start=10 * i), count_value, seed=i)
+        c = ing._check_one(tmp_path / f"f{i}.h5ad", ing.IngestOptions(gene_list=f"list{i}"))
+        assert not isinstance(c, str), c
+    assert len(ing._DECLARED) == ing._GENE_LISTS.size
+    assert f"list{n - 1}" in ing._DECLARED and "list0" not in ing._DECLARED
