@@ -52,7 +52,7 @@ class WideLinear(nn.Module):
     ``x_g`` is ``expr_g * gene_scale[g]`` (``reads="expression"``) or ``bin_g / (n_bins - 1)``
     (``reads="bins"``). One row of ``weight`` per token id (``[n_tokens, n_classes]``,
     zero-initialised); ``<cls>`` carries 0 and so adds nothing. The sum over a cell's tokens is one
-    ``index_add_`` over the packed layout. ``l1`` is ``sum |weight|`` of the last forward pass,
+    ``index_add_`` over the packed layout. ``l1`` is the (class-weighted) ``sum |weight|`` of the last training pass when ``track_l1``,
     taken inside it so that ZeRO-3 has the weight gathered.
     """
 
@@ -70,6 +70,7 @@ class WideLinear(nn.Module):
         # Per-class weight of the L1 penalty (ClassifierTask sets it with wide_l1_class_power); not saved.
         self.register_buffer("l1_class_scale", torch.ones(n_classes), persistent=False)
         self.l1: Tensor | None = None
+        self.track_l1 = False  # ClassifierTask turns it on when wide_l1 > 0
 
     def forward(self, gene_ids: Tensor, values: Tensor, cu_seqlens: Tensor, expr: Tensor | None = None) -> Tensor:
         if self.reads == "expression":
@@ -81,7 +82,7 @@ class WideLinear(nn.Module):
         contrib = self.weight[gene_ids] * x.unsqueeze(-1)
         cells = cell_index(cu_seqlens, gene_ids.numel())
         out = self.bias.expand(cu_seqlens.numel() - 1, -1).clone()
-        if self.training:
+        if self.training and self.track_l1:
             self.l1 = (self.weight.abs() * self.l1_class_scale.to(self.weight.dtype)).sum()
         return out.index_add_(0, cells, contrib)
 
@@ -133,6 +134,8 @@ class ClassifierTask(nn.Module):
         n_tokens = model.gene_encoder.embedding.num_embeddings
         self.wide = WideLinear(n_tokens, n_classes, model.n_bins, reads=wide_input) if head != "transformer" else None
         self.wide_l1 = float(wide_l1)
+        if self.wide is not None:
+            self.wide.track_l1 = self.wide_l1 > 0
         if self.wide is not None and wide_l1_class_power > 0:
             self.wide.l1_class_scale.copy_(torch.from_numpy(l1_class_scale(class_counts, wide_l1_class_power)))
         if self.wide is not None:
