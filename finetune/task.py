@@ -52,8 +52,8 @@ class WideLinear(nn.Module):
     ``x_g`` is ``expr_g * gene_scale[g]`` (``reads="expression"``) or ``bin_g / (n_bins - 1)``
     (``reads="bins"``). One row of ``weight`` per token id (``[n_tokens, n_classes]``,
     zero-initialised); ``<cls>`` carries 0 and so adds nothing. The sum over a cell's tokens is one
-    ``index_add_`` over the packed layout. ``l1`` is the (class-weighted) ``sum |weight|`` of the last training pass when ``track_l1``,
-    taken inside it so that ZeRO-3 has the weight gathered.
+    ``index_add_`` over the packed layout. With ``track_l1``, ``l1`` is the (class-weighted)
+    ``sum |weight|`` of the last training pass, taken inside it so that ZeRO-3 has the weight gathered.
     """
 
     def __init__(self, n_tokens: int, n_classes: int, n_bins: int, reads: str = "bins"):
